@@ -1,0 +1,86 @@
+"""Simulator stand-in for the fork's scripts/inpaint.py: repaints the white part of each
+mask with a placeholder landscape. Like the real script it has no seed flag (the seed
+comes from torch, which a sitecustomize module may have seeded) and loads its model from
+paths relative to the working directory."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+
+# Like the real inpaint, this needs the repository root on PYTHONPATH.
+from ldm import simulate as sim
+from ldm.progress import track
+from ldm.scenery import paint
+from PIL import Image
+from torch import initial_seed  # the simulator's stand-in; a sitecustomize may have seeded it
+
+MASK_THRESHOLD = 128  # a mask value of at least 0.5 × 255 means "repaint"
+
+
+def check_broadcast(mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
+    """`(1 - mask) * image` on (1,1,h,w) and (1,3,H,W) tensors: trailing dimensions first."""
+    for dim, a, b in ((3, mask_size[0], image_size[0]), (2, mask_size[1], image_size[1])):
+        if a != b:
+            raise RuntimeError(
+                f"The size of tensor a ({a}) must match the size of tensor b ({b}) "
+                f"at non-singleton dimension {dim}"
+            )
+
+
+def make_batch(image_path: str, mask_path: str) -> tuple[Image.Image, Image.Image]:
+    image = Image.open(image_path).convert("RGB")
+    mask = Image.open(mask_path).convert("L").point(lambda v: 255 if v >= MASK_THRESHOLD else 0)
+    check_broadcast(mask.size, image.size)
+    return image, mask
+
+
+def check_multiple_of_8(width: int, height: int) -> None:
+    for side in (height, width):
+        if side % 8:
+            raise RuntimeError(
+                "Sizes of tensors must match except in dimension 1. Expected size "
+                f"{side // 8 * 2 + 2} but got size {side // 4} for tensor number 1 in the list."
+            )
+
+
+def main() -> None:
+    run = sim.start("inpaint")
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--indir",
+        type=str,
+        nargs="?",
+        help="dir containing image-mask pairs (`example.png` and `example_mask.png`)",
+    )
+    parser.add_argument("--outdir", type=str, nargs="?", help="dir to write results to")
+    parser.add_argument("--steps", type=int, default=50, help="number of ddim sampling steps")
+    opt = parser.parse_args()
+
+    masks = sorted(glob.glob(os.path.join(opt.indir, "*_mask.png")))
+    images = [x.replace("_mask.png", ".png") for x in masks]
+    print(f"Found {len(masks)} inputs.", flush=True)
+
+    sim.load_inpainting_model(run)
+    sampler = sim.Sampler("DDIM", run)
+    seed = initial_seed()
+
+    os.makedirs(opt.outdir, exist_ok=True)
+    for index, (image, mask) in enumerate(track(zip(images, masks, strict=False))):
+        outpath = os.path.join(opt.outdir, os.path.split(image)[1])
+        picture, region = make_batch(image, mask)
+        width, height = picture.size
+        sampler.sample(
+            opt.steps,
+            1,
+            (3, height // 4, width // 4),
+            0.0,
+            lambda width=width, height=height: check_multiple_of_8(width, height),
+        )
+        result = Image.composite(paint(width, height, "", seed, index), picture, region)
+        sim.save_png(result, outpath, run)
+
+
+if __name__ == "__main__":
+    main()
