@@ -8,9 +8,7 @@ from typing import Any
 class ApiError(Exception):
     """A client-facing error: HTTP status, a stable machine code, the field at fault."""
 
-    def __init__(
-        self, status: int, code: str, message: str, field: str | None = None
-    ) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code

@@ -1,0 +1,296 @@
+"""The command line: the original's flags and help wording, plus a few documented extras."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import Settings
+from .endpoints import ENDPOINTS
+
+log = logging.getLogger("sd_rest")
+
+SIMULATOR = Path(__file__).parent / "simulator"
+DEFAULT_REPOSITORY = "./stable-diffusion"
+VENDORED_REPOSITORY = "./vendor/stable-diffusion"
+API_KEY_ENV = "SD_REST_API_KEY"
+MKCERT_HINT = (
+    "make one with:\n  mkcert -install\n  mkcert -cert-file cert.pem -key-file key.pem 0.0.0.0"
+)
+
+
+@dataclass(frozen=True)
+class HelpRow:
+    flags: str
+    text: str
+    default: str | None
+
+
+HELP_ROWS = [
+    HelpRow(
+        "--text-to-image-model",
+        "Path to the text-to-image model checkpoint",
+        "./models/text-to-image.ckpt",
+    ),
+    HelpRow(
+        "--inpaint-image-model",
+        "Path to the inpaint image model checkpoint",
+        "./models/inpaint-image.ckpt",
+    ),
+    HelpRow("--concurrency", "Number of concurrent image generation tasks", "1"),
+    HelpRow("--output", "Directory to output generated images", "./output"),
+    HelpRow("--cert", "Path to the SSL certicate", "./cert.pem"),
+    HelpRow("--key", "Path to the SSL certicate key", "./key.pem"),
+    HelpRow(
+        "--delete-incomplete",
+        "Delete all incomplete image generation tasks before starting the server",
+        "false",
+    ),
+    HelpRow("--port", "Port to serve the REST API", "8888"),
+    HelpRow("--repository", "Path to the Stable Diffusion repository", DEFAULT_REPOSITORY),
+    HelpRow("--host", "Interface to listen on", "0.0.0.0"),
+    HelpRow("--python", "Python interpreter that runs the scripts", "<repository>/venv/bin/python"),
+    HelpRow("--api-key", f"Require 'Authorization: Bearer <key>' (or set {API_KEY_ENV})", None),
+    HelpRow("--max-queue", "Number of waiting tasks before new ones are refused (429)", "1000"),
+    HelpRow("--demo", "Run against the bundled simulator: no GPU or model needed", "false"),
+    HelpRow("-v, --version", "Displays current version", None),
+    HelpRow("-h, --help", "Displays this message", None),
+]
+
+
+class OriginalHelp(click.Command):
+    """The original's help layout (meow style), so its users find what they know."""
+
+    def get_help(self, ctx: click.Context) -> str:
+        width = max(len(row.flags) for row in HELP_ROWS) + 4
+        lines = ["", "  Usage", "    $ stable-diffusion-rest-api [options]", "", "  Options"]
+        for row in HELP_ROWS:
+            default = f"  (default {row.default})" if row.default is not None else ""
+            lines.append(f"    {row.flags.ljust(width)}{row.text}{default}")
+        lines.append("")
+        return "\n".join(lines)
+
+
+class StartupError(click.ClickException):
+    """One clear line (and a hint) instead of a traceback."""
+
+    def show(self, file=None) -> None:  # type: ignore[no-untyped-def]
+        click.echo(f"stable-diffusion-rest-api: error: {self.message}", err=True)
+
+
+def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(__version__)
+        ctx.exit()
+
+
+@click.command(cls=OriginalHelp, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--text-to-image-model", default="./models/text-to-image.ckpt")
+@click.option("--inpaint-image-model", default="./models/inpaint-image.ckpt")
+@click.option("--concurrency", default=1, type=click.IntRange(1, 64))
+@click.option("--output", default="./output")
+@click.option("--cert", default="./cert.pem")
+@click.option("--key", default="./key.pem")
+@click.option("--delete-incomplete", is_flag=True, default=False)
+@click.option("--port", default=8888, type=click.IntRange(0, 65535))
+@click.option("--repository", default=None)
+@click.option("--host", default="0.0.0.0")
+@click.option("--python", "python", default=None)
+@click.option("--api-key", default=None, envvar=API_KEY_ENV, show_envvar=True)
+@click.option("--max-queue", default=1000, type=click.IntRange(1, 1_000_000))
+@click.option("--demo", is_flag=True, default=False)
+@click.option("-v", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version)
+def main(
+    text_to_image_model: str,
+    inpaint_image_model: str,
+    concurrency: int,
+    output: str,
+    cert: str,
+    key: str,
+    delete_incomplete: bool,
+    port: int,
+    repository: str | None,
+    host: str,
+    python: str | None,
+    api_key: str | None,
+    max_queue: int,
+    demo: bool,
+) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    output_path = Path(output).absolute()
+    if demo:
+        repo = SIMULATOR
+        python_path = Path(python) if python else Path(sys.executable)
+        ctx = click.get_current_context()
+        text_to_image_model = _demo_model(ctx, text_to_image_model, "text-to-image")
+        inpaint_image_model = _demo_model(ctx, inpaint_image_model, "inpaint-image")
+        cert, key = _demo_certificate(cert, key, output_path)
+    else:
+        repo = _repository(repository)
+        python_path = Path(python) if python else repo / "venv" / "bin" / "python"
+    _check_repository(repo)
+    _check_python(python_path, explicit=python is not None)
+    context = _load_certificate(cert, key)
+    settings = Settings(
+        repository=repo.absolute(),
+        python=python_path.absolute(),
+        text_to_image_model=Path(text_to_image_model).absolute(),
+        inpaint_image_model=Path(inpaint_image_model).absolute(),
+        output=output_path,
+        concurrency=concurrency,
+        max_queue=max_queue,
+        api_key=api_key or None,
+    )
+    for model in ("text-to-image", "inpaint-image"):
+        path = settings.model_for(model)
+        if not path.is_file():
+            users = ", ".join(f"/{e.name}" for e in ENDPOINTS.values() if e.model == model)
+            log.warning(
+                "%s model checkpoint not found at %s: %s will answer 503 until it exists",
+                model,
+                path,
+                users,
+            )
+    _check_output(output_path)
+    if host in ("0.0.0.0", "::", "") and not settings.api_key:
+        log.warning(
+            "listening on all interfaces without an API key: anyone on the network can use "
+            "this server (set --api-key or %s)",
+            API_KEY_ENV,
+        )
+    run_server(settings, host, port, context, delete_incomplete)
+
+
+def run_server(
+    settings: Settings, host: str, port: int, context: ssl.SSLContext, delete_incomplete: bool
+) -> None:
+    from .app import serve
+    from .manager import JobManager
+
+    manager = JobManager(settings)
+    if delete_incomplete:
+        removed = manager.store.delete_incomplete()
+        click.echo(f"deleted {removed} incomplete job(s) from {settings.output}")
+
+    def ready(url: str) -> None:
+        click.echo(
+            f"sd-rest {__version__} serving {url} "
+            f"(repository {settings.repository}, concurrency {settings.concurrency})",
+            err=True,
+        )
+
+    try:
+        asyncio.run(serve(manager, host, port, context, on_ready=ready))
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+def _repository(given: str | None) -> Path:
+    if given is not None:
+        return Path(given)
+    if not Path(DEFAULT_REPOSITORY).exists() and Path(VENDORED_REPOSITORY).exists():
+        return Path(VENDORED_REPOSITORY)
+    return Path(DEFAULT_REPOSITORY)
+
+
+def _check_repository(repo: Path) -> None:
+    if not repo.is_dir():
+        raise StartupError(
+            f"Stable Diffusion repository not found at {repo} "
+            "(run scripts/setup.sh, or pass --repository; --demo needs none)"
+        )
+    for endpoint in ENDPOINTS.values():
+        if not (repo / endpoint.script).is_file():
+            raise StartupError(
+                f"{repo} is not a Stable Diffusion repository: {endpoint.script} is missing"
+            )
+
+
+def _check_python(python: Path, explicit: bool) -> None:
+    if python.is_file() and os.access(python, os.X_OK):
+        return
+    hint = (
+        "check --python"
+        if explicit
+        else "create the fork's venv (scripts/setup.sh) or pass --python"
+    )
+    raise StartupError(
+        f"the scripts' Python interpreter {python} is missing or not executable: {hint}"
+    )
+
+
+def _load_certificate(cert: str, key: str) -> ssl.SSLContext:
+    from .app import ssl_context
+
+    for label, path in (("certificate", cert), ("certificate key", key)):
+        if not Path(path).is_file():
+            raise StartupError(f"SSL {label} {path} not found; {MKCERT_HINT}")
+        if not os.access(path, os.R_OK):
+            raise StartupError(f"SSL {label} {path} is not readable")
+    try:
+        return ssl_context(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(f"cannot use {cert} and {key} as certificate and key: {exc}") from exc
+
+
+def _check_output(output: Path) -> None:
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"cannot create the output folder {output}: {exc.strerror}") from exc
+    if not os.access(output, os.W_OK):
+        raise StartupError(f"the output folder {output} is not writable")
+
+
+def _demo_model(ctx: click.Context, given: str, model: str) -> str:
+    """The simulator's placeholder checkpoint, unless the user named one (or has the default)."""
+    explicit = ctx.get_parameter_source(f"{model.replace('-', '_')}_model")
+    if explicit is not click.core.ParameterSource.DEFAULT or Path(given).is_file():
+        return given
+    return str(SIMULATOR / "models" / "demo" / f"{model}.ckpt")
+
+
+def _demo_certificate(cert: str, key: str, output: Path) -> tuple[str, str]:
+    if Path(cert).is_file() and Path(key).is_file():
+        return cert, key
+    demo_cert, demo_key = output / "demo-cert.pem", output / "demo-key.pem"
+    if demo_cert.is_file() and demo_key.is_file():
+        return str(demo_cert), str(demo_key)
+    output.mkdir(parents=True, exist_ok=True)
+    command = [
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        "-keyout",
+        str(demo_key),
+        "-out",
+        str(demo_cert),
+    ]
+    try:
+        subprocess.run(command, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise StartupError(f"could not make a demo certificate with openssl: {exc}") from exc
+    click.echo(
+        f"demo mode: made a throwaway self-signed certificate {demo_cert} (key {demo_key}); "
+        "curl needs --insecure (-k) with it",
+        err=True,
+    )
+    return str(demo_cert), str(demo_key)

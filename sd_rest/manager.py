@@ -1,0 +1,212 @@
+"""Submitting, finding, canceling and running jobs: the layer between routes and the store,
+queue and runners."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+from .config import Settings
+from .endpoints import ENDPOINTS, INPAINT_IMAGE
+from .errors import ApiError
+from .jobs import Job, Params, Status, job_id
+from .processes import end_orphan
+from .queue import JobQueue, QueueFull
+from .runner import JobRunner
+from .scripts import INPAINT_INPUT_NAME
+from .store import JobStore
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+CANCEL_WAIT = 2.0  # seconds a DELETE waits for a running script to end
+
+
+class JobManager:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = JobStore(settings.output)
+        self.queue = JobQueue(settings.concurrency, settings.max_queue, self._run)
+        self._running: dict[Key, tuple[JobRunner, asyncio.Future[None]]] = {}
+        self._submitting: dict[Key, asyncio.Lock] = {}
+        self._last_seq = 0
+        self.closing = False
+
+    # --- start and stop ---------------------------------------------------------------
+
+    def recover(self) -> list[Job]:
+        """Before serving: load unfinished jobs and end any script a dead server left running."""
+        unfinished = self.store.recover()
+        for job in unfinished:
+            if job.pid is not None and end_orphan(job.pid, str(self.store.run_dir(job))):
+                log.warning(
+                    "ended script %d left running by a previous server (%s)", job.pid, job.id
+                )
+            self._last_seq = max(self._last_seq, job.seq)
+        return unfinished
+
+    async def start(self, unfinished: list[Job]) -> None:
+        for job in unfinished:
+            await self.queue.put(job)
+        self.queue.start()
+        asyncio.get_running_loop().run_in_executor(None, self._sweep)
+
+    def _sweep(self) -> None:
+        quarantined = self.store.sweep()
+        if quarantined:
+            log.warning("quarantined %d job folder(s) with damaged sidecars", quarantined)
+
+    async def shutdown(self) -> None:
+        """Stop taking jobs, interrupt running scripts (killed after the grace period) and
+        leave their jobs resumable."""
+        self.closing = True
+        for runner, _ in list(self._running.values()):
+            runner.stop(self.settings.shutdown_grace)
+        await self.queue.close()
+
+    # --- requests ---------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        # Nanoseconds since the epoch, never repeated: orders jobs across restarts too.
+        self._last_seq = max(self._last_seq + 1, time.time_ns())
+        return self._last_seq
+
+    def check_ready(self, endpoint: str) -> Path:
+        """503 when this endpoint's jobs cannot run: say so now, not after a model load."""
+        if self.closing:
+            raise ApiError(503, "shutting_down", "the server is shutting down")
+        checkpoint = self.settings.model_for(ENDPOINTS[endpoint].model)
+        if not checkpoint.is_file():
+            raise ApiError(
+                503,
+                "model_missing",
+                f"the {ENDPOINTS[endpoint].model} model checkpoint is missing: {checkpoint} "
+                f"(see --{ENDPOINTS[endpoint].model}-model)",
+            )
+        if not self.settings.python.exists():
+            raise ApiError(
+                503,
+                "python_missing",
+                f"the scripts' interpreter is missing: {self.settings.python}",
+            )
+        return checkpoint
+
+    async def submit(
+        self, endpoint: str, params: Params, uploads: dict[str, bytes], inputs: dict[str, bytes]
+    ) -> Job:
+        """`uploads`: the bytes the client sent (they make the id); `inputs`: the normalised
+        PNGs the script reads."""
+        checkpoint = str(self.check_ready(endpoint).resolve())
+        digests = {field: hashlib.sha256(data).hexdigest() for field, data in uploads.items()}
+        key = (endpoint, job_id(endpoint, params, checkpoint, digests))
+        lock = self._submitting.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                return await self._submit(key, params, checkpoint, digests, inputs)
+        finally:
+            if not lock.locked() and self._submitting.get(key) is lock:
+                del self._submitting[key]
+
+    async def _submit(
+        self,
+        key: Key,
+        params: Params,
+        checkpoint: str,
+        digests: dict[str, str],
+        inputs: dict[str, bytes],
+    ) -> Job:
+        endpoint, id_ = key
+        existing = await self.store.get(endpoint, id_)
+        if existing is not None:
+            if existing.status in (Status.FAILED, Status.CANCELED) and key not in self._running:
+                self._check_room()
+                # Queued anew; images it already has are kept and only the rest are made.
+                await self.store.save(
+                    existing,
+                    status=Status.QUEUED,
+                    seq=self._next_seq(),
+                    error=None,
+                    finished_at=None,
+                )
+                await self.queue.put(existing)
+            return existing
+        self._check_room()
+        now = time.time()
+        job = Job(
+            id=id_,
+            endpoint=endpoint,
+            params=params,
+            checkpoint=checkpoint,
+            uploads=digests,
+            inputs=_input_names(endpoint, inputs),
+            seq=self._next_seq(),
+            created_at=now,
+            updated_at=now,
+        )
+        await self.store.add(job, inputs)
+        await self.queue.put(job)
+        return job
+
+    def _check_room(self) -> None:
+        try:
+            self.queue.check_room()
+        except QueueFull as exc:
+            raise ApiError(429, "queue_full", f"{exc}; try again later") from exc
+
+    async def get(self, endpoint: str, id_: str) -> Job | None:
+        return self.store.cached(endpoint, id_) or await self.store.get(endpoint, id_)
+
+    async def cancel(self, job: Job) -> Job:
+        """QUEUED → CANCELED at once; a running script is ended. Idempotent."""
+        if job.status.finished:
+            return job
+        if self.queue.remove(job):
+            await self.store.save(job, status=Status.CANCELED, finished_at=time.time(), pid=None)
+            return job
+        running = self._running.get((job.endpoint, job.id))
+        if running is not None:
+            runner, done = running
+            runner.cancel()
+            try:
+                await asyncio.wait_for(asyncio.shield(done), CANCEL_WAIT)
+            except asyncio.TimeoutError:
+                log.warning("job %s did not end within %.1f s of its cancel", job.id, CANCEL_WAIT)
+        return job
+
+    # --- running ----------------------------------------------------------------------
+
+    async def _run(self, job: Job) -> None:
+        if job.status.finished:
+            return
+        key = (job.endpoint, job.id)
+        runner = JobRunner(self.settings, self.store, job)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._running[key] = (runner, done)
+        try:
+            await runner.run()
+        except Exception as exc:
+            log.exception("job %s/%s failed inside the server", job.endpoint, job.id)
+            await self.store.save(
+                job,
+                status=Status.FAILED,
+                pid=None,
+                finished_at=time.time(),
+                error=f"internal error while running the job: {exc}",
+            )
+        finally:
+            del self._running[key]
+            done.set_result(None)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+
+def _input_names(endpoint: str, inputs: dict[str, bytes]) -> dict[str, str]:
+    if endpoint == INPAINT_IMAGE:
+        # inpaint.py pairs X_mask.png with X.png in its input folder.
+        return {"image": f"{INPAINT_INPUT_NAME}.png", "mask": f"{INPAINT_INPUT_NAME}_mask.png"}
+    return {field: f"{field}.png" for field in inputs}

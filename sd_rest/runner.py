@@ -1,0 +1,347 @@
+"""Run one job's script once: spawn it on a pty, stream its output, publish its images."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pexpect
+
+from .config import Settings
+from .endpoints import IMAGE_TO_IMAGE, INPAINT_IMAGE
+from .files import write_atomic
+from .jobs import ImageRecord, Job, Status
+from .pngfile import is_complete_png
+from .processes import signal_group
+from .progress import ProgressParser, last_error
+from .scripts import (
+    INPAINT_CHECKPOINT,
+    INPAINT_CONFIG,
+    INPAINT_INPUT_NAME,
+    PTY_COLUMNS,
+    PTY_ROWS,
+    RunPlan,
+    plan_run,
+    script_arguments,
+    script_environment,
+    script_path,
+    sitecustomize_source,
+)
+from .store import JobStore
+from .watcher import watch_folder
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RE = re.compile(r"^(\d{5})\.png$")
+CANCEL_KILL_AFTER = 0.5  # seconds between SIGTERM and SIGKILL when a client cancels
+READ_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class RunFolders:
+    root: Path  # <job>/run: removed after the run
+    outdir: Path  # the script's --outdir
+    images: Path  # where its PNGs appear
+    cwd: Path
+
+
+class JobRunner:
+    """One run of one job. `run()` returns when the script has exited and the job's outcome is
+    durable; `cancel()` and `stop()` end the script early."""
+
+    def __init__(self, settings: Settings, store: JobStore, job: Job) -> None:
+        self.settings = settings
+        self.store = store
+        self.job = job
+        self.plan: RunPlan = plan_run(job.params, job.total_images, len(job.images))
+        self.parser = ProgressParser()
+        self._child: pexpect.spawn | None = None
+        self._canceled = False
+        self._stopping = False
+        self._publish_lock = asyncio.Lock()
+        self._taken = 0  # this run's output files already published
+        self._start_error: str | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    # --- control ----------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """The client canceled: end the script now; the job becomes CANCELED."""
+        self._canceled = True
+        self._end(signal.SIGTERM, CANCEL_KILL_AFTER)
+
+    def stop(self, grace: float) -> None:
+        """The server is stopping: interrupt, kill after `grace`; the job stays resumable."""
+        self._stopping = True
+        self._end(signal.SIGINT, grace)
+
+    def _end(self, first: signal.Signals, kill_after: float) -> None:
+        child = self._child
+        if child is None or not child.isalive():
+            return
+        signal_group(child.pid, first)
+        asyncio.get_running_loop().call_later(kill_after, self._kill)
+
+    def _kill(self) -> None:
+        child = self._child
+        if child is not None and child.isalive():
+            signal_group(child.pid, signal.SIGKILL)
+
+    # --- the run ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        job = self.job
+        job.progress = None
+        folders = await loop.run_in_executor(None, self._prepare)
+        argv = self._argv(folders)
+        env = script_environment(os.environ, self.settings.repository, folders.root / "site")
+        logfile = await loop.run_in_executor(None, self._open_log, argv)
+        try:
+            if self._canceled or self._stopping:
+                await self._finish(None, folders)
+                return
+            exit_status = await self._spawn_and_stream(argv, env, folders, logfile)
+        except ScriptStartError as exc:
+            self._start_error = str(exc)
+            exit_status = None
+        finally:
+            logfile.close()
+        await self._finish(exit_status, folders)
+
+    def _argv(self, folders: RunFolders) -> list[str]:
+        job = self.job
+        inputs = self.store.folder(job) / "inputs"
+        args = script_arguments(
+            job.endpoint,
+            job.params,
+            self.plan,
+            outdir=folders.outdir,
+            checkpoint=Path(job.checkpoint),
+            init_image=inputs / job.inputs["image"] if job.endpoint == IMAGE_TO_IMAGE else None,
+            indir=inputs if job.endpoint == INPAINT_IMAGE else None,
+        )
+        script = script_path(self.settings.repository, job.endpoint)
+        return [str(self.settings.python), str(script), *args]
+
+    def _prepare(self) -> RunFolders:
+        """A fresh work folder per run, so the scripts' numbering starts at 00000."""
+        root = self.store.run_dir(self.job)
+        shutil.rmtree(root, ignore_errors=True)
+        outdir = root / "out"
+        outdir.mkdir(parents=True)
+        if self.job.endpoint != INPAINT_IMAGE:
+            images = outdir / "samples"
+            images.mkdir()
+            return RunFolders(root, outdir, images, self.settings.repository)
+        # inpaint.py opens its config and checkpoint by relative path: give it a working folder
+        # that links to the repository's config and to the chosen checkpoint.
+        cwd = root / "cwd"
+        (cwd / INPAINT_CONFIG.parent).mkdir(parents=True)
+        (cwd / INPAINT_CONFIG).symlink_to(self.settings.repository / INPAINT_CONFIG)
+        (cwd / INPAINT_CHECKPOINT).symlink_to(Path(self.job.checkpoint))
+        site = root / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(sitecustomize_source(self.plan.seed))
+        return RunFolders(root, outdir, outdir, cwd)
+
+    def _open_log(self, argv: list[str]):  # type: ignore[no-untyped-def]
+        logfile = open(self.store.log_path(self.job), "ab")  # noqa: SIM115 - closed by run()
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        header = f"\n=== sd-rest run {self.job.attempts + 1} at {stamp}: {argv!r}\n"
+        logfile.write(header.encode())
+        logfile.flush()
+        return logfile
+
+    async def _spawn_and_stream(
+        self, argv: list[str], env: dict[str, str], folders: RunFolders, logfile
+    ) -> int | None:  # type: ignore[no-untyped-def]
+        loop = asyncio.get_running_loop()
+        stop_watching = asyncio.Event()
+        watcher = asyncio.create_task(
+            watch_folder(folders.images, self._publish_ready_later(folders), stop_watching)
+        )
+        eof = asyncio.Event()
+        try:
+            child = pexpect.spawn(
+                argv[0],
+                argv[1:],
+                cwd=str(folders.cwd),
+                env=env,
+                dimensions=(PTY_ROWS, PTY_COLUMNS),
+                echo=False,
+            )
+        except (pexpect.ExceptionPexpect, OSError) as exc:
+            stop_watching.set()
+            await watcher
+            logfile.write(f"could not start the script: {exc}\n".encode())
+            raise ScriptStartError(f"could not start {argv[0]}: {exc}") from exc
+        self._child = child
+        await self.store.save(
+            self.job,
+            status=Status.IN_PROGRESS,
+            pid=child.pid,
+            attempts=self.job.attempts + 1,
+            started_at=time.time(),
+            error=None,
+        )
+        if self._canceled or self._stopping:  # asked while we were saving
+            self._end(signal.SIGTERM, CANCEL_KILL_AFTER)
+
+        def on_readable() -> None:
+            try:
+                data = os.read(child.child_fd, READ_SIZE)
+            except OSError:  # EIO: every process holding the pty's other side has gone
+                data = b""
+            if not data:
+                loop.remove_reader(child.child_fd)
+                eof.set()
+                return
+            logfile.write(data)
+            self._on_output(data, folders)
+
+        loop.add_reader(child.child_fd, on_readable)
+        try:
+            await eof.wait()
+        finally:
+            loop.remove_reader(child.child_fd)
+        self.parser.finish()
+        logfile.flush()
+        exit_status = await loop.run_in_executor(None, self._wait, child)
+        stop_watching.set()
+        await watcher
+        return exit_status
+
+    @staticmethod
+    def _wait(child: pexpect.spawn) -> int | None:
+        """The exit code, or None when a signal ended the script."""
+        with contextlib.suppress(pexpect.ExceptionPexpect):
+            child.wait()
+        child.close(force=True)
+        if child.signalstatus is not None:
+            return None
+        return child.exitstatus
+
+    def _on_output(self, data: bytes, folders: RunFolders) -> None:
+        previous = self.parser.progress
+        progress = self.parser.feed(data)
+        if progress is None:
+            return
+        self.job.set_progress(self.plan.image_index(progress.batches_done), progress.fraction)
+        if previous is not None and progress.batches_done > previous.batches_done:
+            # A batch's PNGs are saved before the outer bar moves on: look now, not only when
+            # the watcher says so.
+            task = asyncio.ensure_future(self._publish_ready(folders))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _publish_ready_later(self, folders: RunFolders):  # type: ignore[no-untyped-def]
+        async def callback() -> None:
+            await self._publish_ready(folders)
+
+        return callback
+
+    # --- images -----------------------------------------------------------------------
+
+    async def _publish_ready(self, folders: RunFolders) -> None:
+        """Publish, in order, every output file that is complete; stop at the first that is not."""
+        async with self._publish_lock:
+            loop = asyncio.get_running_loop()
+            while self._taken < self.plan.remaining:
+                files = await loop.run_in_executor(None, self._outputs, folders)
+                if self._taken >= len(files):
+                    return
+                n = self.plan.image_number(self._taken + 1)
+                digest = await loop.run_in_executor(
+                    None,
+                    self._copy_if_complete,
+                    files[self._taken],
+                    self.store.image_path(self.job, n),
+                )
+                if digest is None:
+                    return
+                record = ImageRecord(
+                    n=n, seed=self.plan.seed, position=self._taken + 1, sha256=digest
+                )
+                await self.store.save(self.job, images=(*self.job.images, record))
+                self._taken += 1
+
+    def _outputs(self, folders: RunFolders) -> list[Path]:
+        try:
+            names = os.listdir(folders.images)
+        except FileNotFoundError:
+            return []
+        if self.job.endpoint == INPAINT_IMAGE:
+            return (
+                [folders.images / f"{INPAINT_INPUT_NAME}.png"]
+                if f"{INPAINT_INPUT_NAME}.png" in names
+                else []
+            )
+        return [folders.images / name for name in sorted(names) if SAMPLE_RE.match(name)]
+
+    @staticmethod
+    def _copy_if_complete(source: Path, target: Path) -> str | None:
+        try:
+            data = source.read_bytes()
+        except FileNotFoundError:
+            return None
+        if not is_complete_png(data):
+            return None
+        write_atomic(target, data)
+        return hashlib.sha256(data).hexdigest()
+
+    # --- outcome ----------------------------------------------------------------------
+
+    async def _finish(self, exit_status: int | None, folders: RunFolders) -> None:
+        await self._publish_ready(folders)
+        job = self.job
+        self._child = None
+        now = time.time()
+        if self._stopping and not self._complete:
+            # Left IN_PROGRESS (or QUEUED) on purpose: the next start resumes it.
+            await self.store.save(job, pid=None)
+            return
+        if self._complete:
+            await self.store.save(
+                job, status=Status.COMPLETE, pid=None, finished_at=now, error=None
+            )
+        elif self._canceled:
+            await self.store.save(job, status=Status.CANCELED, pid=None, finished_at=now)
+        else:
+            await self.store.save(
+                job, status=Status.FAILED, pid=None, finished_at=now, error=self._error(exit_status)
+            )
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, shutil.rmtree, folders.root, True)
+
+    @property
+    def _complete(self) -> bool:
+        return len(self.job.images) >= self.job.total_images
+
+    def _error(self, exit_status: int | None) -> str:
+        if self._start_error:
+            return self._start_error
+        line = last_error(self.parser.recent_lines())
+        if exit_status == 0:
+            return (
+                f"the script exited without writing image {len(self.job.images) + 1} "
+                f"of {self.job.total_images}"
+            )
+        if line:
+            return line
+        if exit_status is None:
+            return "the script was killed by a signal"
+        return f"the script exited with status {exit_status}"
+
+
+class ScriptStartError(Exception):
+    """The interpreter could not be started at all."""

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from helpers import Server
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    """A test CA and a server certificate for localhost/127.0.0.1 (files)."""
+    folder = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_path, key_path, ca_path = folder / "cert.pem", folder / "key.pem", folder / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(str(cert_path), append=True)
+    cert.private_key_pem.write_to_path(str(key_path))
+    ca.cert_pem.write_to_path(str(ca_path))
+    return str(cert_path), str(key_path), str(ca_path)
+
+
+@pytest.fixture
+def make_server(tmp_path: Path, certs: tuple[str, str, str]) -> Iterator[Callable[..., Server]]:
+    """Start servers on demand; every one still running is killed at the end of the test."""
+    started: list[Server] = []
+
+    def make(
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        output: Path | None = None,
+        start: bool = True,
+        demo: bool = True,
+    ) -> Server:
+        server = Server(
+            output=output or tmp_path / "output",
+            certs=certs,
+            args=args or [],
+            env=env or {},
+            demo=demo,
+        )
+        started.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in started:
+        if server.process is not None and server.process.poll() is None:
+            server.kill()
+
+
+@pytest.fixture(scope="module")
+def shared_server(
+    tmp_path_factory: pytest.TempPathFactory, certs: tuple[str, str, str]
+) -> Iterator[Server]:
+    """One demo server for a whole test module (tests that do not need their own)."""
+    output = tmp_path_factory.mktemp("shared") / "output"
+    server = Server(output=output, certs=certs).start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.kill()
