@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
 import secrets
-import signal
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -118,31 +116,3 @@ def ssl_context(cert: str, key: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     return context
-
-
-async def serve(
-    manager: JobManager,
-    host: str,
-    port: int,
-    context: ssl.SSLContext,
-    on_ready: Callable[[str], None] | None = None,
-) -> None:
-    """Serve until SIGINT/SIGTERM, then stop taking jobs, end running scripts, exit."""
-    unfinished = manager.recover()
-    app = create_app(manager)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=context, backlog=1024)
-    await site.start()
-    await manager.start(unfinished)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if on_ready is not None:
-        on_ready(f"https://{host}:{port}")
-    await stop.wait()
-    log.info("stopping: no new jobs; ending running scripts")
-    await site.stop()
-    await manager.shutdown()
-    await runner.cleanup()

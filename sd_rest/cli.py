@@ -173,8 +173,9 @@ def main(
 def run_server(
     settings: Settings, host: str, port: int, context: ssl.SSLContext, delete_incomplete: bool
 ) -> None:
-    from .app import serve
+    # Imported here so that --help and --version do not load aiohttp and the rest.
     from .manager import JobManager
+    from .server import serve
 
     manager = JobManager(settings)
     if delete_incomplete:
