@@ -128,6 +128,20 @@ def test_inpaint_end_to_end(shared_server: Server) -> None:
     assert image.size == (320, 256)
 
 
+def test_inpaint_seed_reaches_the_script(shared_server: Server) -> None:
+    files = {"image": png_bytes(256, 256, (30, 90, 160)), "mask": mask_bytes(256, 256)}
+    urls = [
+        shared_server.post_form("inpaint-image", {"steps": "4", "seed": seed}, files).headers[
+            "Location"
+        ]
+        for seed in ("1", "2", "1")
+    ]
+    assert urls[0] == urls[2] != urls[1]
+    docs = [shared_server.wait_status(url, {"COMPLETE"}) for url in urls[:2]]
+    first, second = (shared_server.get(doc["imageUrls"][0]).body for doc in docs)
+    assert first != second
+
+
 def test_json_and_urlencoded_bodies_make_the_same_job(shared_server: Server) -> None:
     fields = {"prompt": "same job", "steps": "5", "seed": "3"}
     form = shared_server.post_form("text-to-image", fields)
