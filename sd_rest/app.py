@@ -1,26 +1,52 @@
-"""The aiohttp application: routes, JSON errors, optional API key; and serving it over HTTPS."""
+"""The aiohttp application: routes, JSON errors, the optional API key and the request limits.
+
+Every answer a client can get is JSON in the shape of errors.ApiError, including aiohttp's own:
+404/405 from the router (json_errors), 417 for Expect (routes.expect_continue), and the 400 the
+HTTP parser sends for malformed requests or oversized headers, which needs the server's own
+protocol class (ApiRunner).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-import json
 import logging
+import math
+import os
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
 
 from aiohttp import web
 
 from .errors import ApiError
 from .manager import JobManager
-from .routes import MANAGER, add_routes
-from .uploads import MAX_UPLOAD_BYTES
+from .routes import (
+    CORS_HEADERS,
+    LIMITS,
+    MANAGER,
+    MAX_BODY_BYTES,
+    OUTPUT_ROOT,
+    Limits,
+    add_routes,
+    error_response,
+    first_line,
+)
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-MAX_BODY_BYTES = 2 * MAX_UPLOAD_BYTES + 1024 * 1024  # image + mask + fields
-HTTP_CODES = {
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+HEADER_TIMEOUT_ENV: Final = "SD_REST_HEADER_TIMEOUT"
+BODY_TIMEOUT_ENV: Final = "SD_REST_BODY_TIMEOUT"
+MAX_TIMEOUT: Final = 3600.0
+MAX_LINE_BYTES: Final = 8190  # the request line, and each header line
+MAX_HEADERS: Final = 100
+_SHOWN_PATH: Final = 200
+
+HTTP_CODES: Final = {
     400: "bad_request",
     401: "unauthorized",
     404: "not_found",
@@ -28,23 +54,70 @@ HTTP_CODES = {
     408: "timeout",
     413: "too_large",
     415: "unsupported_media_type",
+    417: "expectation_failed",
     429: "queue_full",
+    431: "headers_too_large",
     503: "unavailable",
-}
-CORS_HEADERS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-    "Access-Control-Allow-Headers": "Authorization, Content-Type",
-    "Access-Control-Expose-Headers": "Location, ETag",
+    504: "timeout",
 }
 
 
-def error_response(error: ApiError, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=json.dumps(error.body()).encode(),
-        status=error.status,
-        content_type="application/json",
-        headers=headers,
+def limits_from_environment(environ: Mapping[str, str]) -> Limits:
+    """The time limits, each overridable by an environment variable (seconds)."""
+    default = Limits()
+    return Limits(
+        header_timeout=_seconds(environ, HEADER_TIMEOUT_ENV, default.header_timeout),
+        body_timeout=_seconds(environ, BODY_TIMEOUT_ENV, default.body_timeout),
+    )
+
+
+def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise ValueError(f"{name} must be between 0 and {MAX_TIMEOUT:g} seconds, got {text!r}")
+    return value
+
+
+def internal_error(request: web.BaseRequest, exc: BaseException | None) -> web.Response:
+    """A JSON 500 carrying the id under which the exception was logged."""
+    request_id = secrets.token_hex(8)
+    log.error(
+        "request %s (%s %s) failed",
+        request_id,
+        request.method,
+        request.path,
+        exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None,
+    )
+    body = {
+        "error": {
+            "code": "internal_error",
+            "message": f"internal server error; it was logged as request {request_id}",
+            "requestId": request_id,
+        }
+    }
+    return web.json_response(body, status=500, headers=CORS_HEADERS)
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own HTTP errors (router 404/405, size limits) in our shape."""
+    path = request.path if len(request.path) <= _SHOWN_PATH else request.path[:_SHOWN_PATH] + "…"
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    if exc.status == 404:
+        message = f"nothing at {path}"
+    elif exc.status == 405:
+        message = f"{request.method} is not allowed on {path}; allowed: {exc.headers.get('Allow')}"
+    elif exc.status == 413:
+        message = f"the request body is larger than {MAX_BODY_BYTES} bytes"
+    else:
+        message = exc.reason
+    return error_response(
+        ApiError(exc.status, HTTP_CODES.get(exc.status, "http_error"), message), headers
     )
 
 
@@ -58,58 +131,124 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = HTTP_CODES.get(exc.status, "http_error")
-        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        if exc.status == 413:
-            message = f"the request body is larger than {MAX_BODY_BYTES} bytes"
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        response = error_response(ApiError(exc.status, code, message), headers)
-    except Exception:
-        request_id = secrets.token_hex(8)
-        log.exception("request %s (%s %s) failed", request_id, request.method, request.path)
-        body = {
-            "error": {
-                "code": "internal_error",
-                "message": f"internal server error; it was logged as request {request_id}",
-                "requestId": request_id,
-            }
-        }
-        response = web.Response(
-            body=json.dumps(body).encode(), status=500, content_type="application/json"
-        )
+        response = _http_error(request, exc)
+    except ConnectionError:
+        # The client went away mid-request: nobody will read an answer, nothing to log.
+        log.debug("client closed the connection during %s %s", request.method, request.path)
+        response = error_response(ApiError(400, "disconnected", "the connection was closed"))
+    except Exception as exc:
+        return internal_error(request, exc)
     response.headers.update(CORS_HEADERS)
     return response
 
 
-def api_key_middleware(key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    expected = f"Bearer {key}".encode()
+def api_key_middleware(key: str) -> Middleware:
+    """Every request but a CORS preflight needs `Authorization: Bearer <key>`.
+
+    The digests are compared, not the strings: constant time, and it does not leak the length.
+    """
+    expected = hashlib.sha256(key.encode()).digest()
 
     @web.middleware
     async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method != "OPTIONS":
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                raise ApiError(
+            scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+            given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
+            if not (hmac.compare_digest(given, expected) and scheme.lower() == "bearer"):
+                error = ApiError(
                     401, "unauthorized", "send the API key as 'Authorization: Bearer <key>'"
                 )
+                return error_response(error, {"WWW-Authenticate": 'Bearer realm="sd-rest"'})
         return await handler(request)
 
     return require_api_key
 
 
-async def preflight(request: web.Request) -> web.Response:
-    return web.Response(status=204)
-
-
-def create_app(manager: JobManager) -> web.Application:
-    middlewares = [json_errors]
+def create_app(manager: JobManager, limits: Limits | None = None) -> web.Application:
+    """The application; `limits` default to the environment's (see limits_from_environment)."""
+    if limits is None:
+        limits = limits_from_environment(os.environ)
+    middlewares: list[Middleware] = [json_errors]
     if manager.settings.api_key:
+        # Only then: the status GET's hot path carries no key check when there is no key.
         middlewares.append(api_key_middleware(manager.settings.api_key))
-    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=middlewares,
+        client_max_size=MAX_BODY_BYTES,
+        handler_args={
+            # aiohttp has no header-read timeout; its keep-alive timer is armed from the moment
+            # a connection is made (and again after each response) and closes a connection that
+            # has not delivered complete headers when it fires, so it serves as one.
+            "keepalive_timeout": limits.header_timeout,
+            "max_line_size": MAX_LINE_BYTES,
+            "max_field_size": MAX_LINE_BYTES,
+            "max_headers": MAX_HEADERS,
+            # Compressed bodies are refused (415): never spend time inflating one.
+            "auto_decompress": False,
+        },
+    )
     app[MANAGER] = manager
+    app[LIMITS] = limits
+    app[OUTPUT_ROOT] = manager.store.output.resolve()
     add_routes(app)
-    app.router.add_route("OPTIONS", "/{tail:.*}", preflight)
     return app
+
+
+class ApiProtocol(web.RequestHandler):
+    """aiohttp's connection handler, answering requests its parser refuses in our JSON shape."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            # As aiohttp does: a response has begun, so the connection can only be dropped.
+            raise ConnectionError("the response had started; dropping the connection")
+        if status >= 500 and status != 504:
+            response = internal_error(request, exc)
+        else:
+            # Garbage from the network is routine (scanners, plain HTTP on the TLS port).
+            log.debug("refused a malformed request from %s: %s", request.remote, message)
+            response = error_response(
+                ApiError(
+                    status, HTTP_CODES.get(status, "bad_request"), _parser_message(status, message)
+                ),
+                CORS_HEADERS,
+            )
+        response.force_close()
+        return response
+
+
+def _parser_message(status: int, message: str | None) -> str:
+    if status == 504:
+        return "the request took too long to handle"
+    first = first_line(message or "")
+    return f"malformed HTTP request: {first}" if first else "malformed HTTP request"
+
+
+class _ApiServer(web.Server):
+    def __call__(self) -> web.RequestHandler:
+        # As web.Server.__call__, with our protocol class.
+        return ApiProtocol(self, loop=self._loop, **self._kwargs)
+
+
+class ApiRunner(web.AppRunner):
+    """web.AppRunner whose connections use ApiProtocol."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _ApiServer  # the same server, with our protocol per connection
+        return server
+
+
+def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
+    """The runner to serve `app` with (server.py): no access log, signals left to the caller."""
+    return ApiRunner(app, access_log=None, handle_signals=False, **kwargs)
 
 
 def ssl_context(cert: str, key: str) -> ssl.SSLContext:

@@ -126,6 +126,8 @@ def main(
     demo: bool,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _check_api_key(api_key)
+    _check_limits()
     output_path = Path(output).absolute()
     if demo:
         repo = SIMULATOR
@@ -193,6 +195,27 @@ def run_server(
         asyncio.run(serve(manager, host, port, context, on_ready=ready))
     except OSError as exc:
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+def _check_api_key(api_key: str | None) -> None:
+    """Refuse a key no client could send: an empty one would silently switch the check off."""
+    if api_key is None:
+        return
+    if not api_key:
+        raise StartupError(f"the API key is empty (--api-key or {API_KEY_ENV})")
+    if not all(0x21 <= ord(char) <= 0x7E for char in api_key):
+        raise StartupError(
+            "the API key must be printable ASCII without spaces: it is sent in an HTTP header"
+        )
+
+
+def _check_limits() -> None:
+    from .app import limits_from_environment
+
+    try:
+        limits_from_environment(os.environ)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
 
 
 def _repository(given: str | None) -> Path:

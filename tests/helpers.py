@@ -212,3 +212,181 @@ class Server:
                 return
             time.sleep(0.01)
         raise AssertionError(f"{url} never reached {until}\n{self.log()}")
+
+
+# --- restarts, cancels and shutdowns: the disk, the scripts' processes, the seed rule -------
+
+SEED_LIMIT = 2**32
+
+
+def wait_until(check: Any, what: str, timeout: float = 20.0) -> Any:
+    """Poll `check()` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSON-lines log another process is still appending to."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+
+
+def job_folder(output: Path, url: str) -> Path:
+    """`/text-to-image/<id>` → `<output>/text-to-image/<id>`."""
+    return output.joinpath(*url.strip("/").split("/"))
+
+
+def read_sidecar(output: Path, url: str) -> dict[str, Any]:
+    return json.loads((job_folder(output, url) / "job.json").read_bytes())
+
+
+def script_pids(argv_log: Path, url: str | None = None) -> list[int]:
+    """Pids of the script runs SD_SIM_ARGV_LOG recorded (those of job `url` only, if given)."""
+    job_id = url.rsplit("/", 1)[1] if url else ""
+    return [
+        run["pid"]
+        for run in read_jsonl(argv_log)
+        if not job_id or any(job_id in arg for arg in run["argv"])
+    ]
+
+
+def process_running(pid: int) -> bool:
+    """Whether `pid` is alive; a zombie (ended, not yet reaped by its new parent) is not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    wait_until(
+        lambda: not any(process_running(pid) for pid in pids),
+        f"script processes {pids} to end",
+        timeout,
+    )
+
+
+def reproduce_txt2img(
+    params: Mapping[str, str], seed: int, count: int, workdir: Path
+) -> list[bytes]:
+    """The first `count` PNGs of the simulator's txt2img run with `params` and `--seed seed`,
+    run directly (not through the server): what the README promises image records mean."""
+    outdir = workdir / f"reproduce-{seed}-{count}-{time.time_ns()}"
+    argv = [
+        sys.executable,
+        str(SIMULATOR / "scripts" / "txt2img.py"),
+        f"--prompt={params['prompt']}",
+        f"--outdir={outdir}",
+        "--skip_grid",
+        f"--ddim_steps={params.get('steps', '8')}",
+        f"--n_iter={count}",
+        "--n_samples=1",
+        f"--seed={seed}",
+        f"--H={params.get('height', '512')}",
+        f"--W={params.get('width', '512')}",
+        f"--ckpt={DEMO_MODELS / 'text-to-image.ckpt'}",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SD_SIM_")}
+    env.update({"SD_SIM_LOAD_SECONDS": "0", "SD_SIM_STEP_SECONDS": "0"})
+    subprocess.run(argv, cwd=SIMULATOR, env=env, check=True, capture_output=True, timeout=60)
+    return [(outdir / "samples" / f"{k:05}.png").read_bytes() for k in range(count)]
+
+
+def check_finished_job(
+    server: Server, url: str, params: Mapping[str, str], workdir: Path | None = None
+) -> list[bytes]:
+    """A COMPLETE text-to-image job with images 1..N: each served, a whole PNG, the file the
+    sidecar records, none a duplicate, each seeded by the README's rule (`seed + done`,
+    position in its run), and, given `workdir`, made again byte for byte by running the
+    script with the recorded seed. Returns the PNGs' bytes."""
+    import hashlib  # here: this block of helpers.py is appended to, never edited above
+
+    doc = server.get(url).json()
+    assert doc["status"] == "COMPLETE", doc
+    total = int(params.get("iterations", "1")) * int(params.get("batchSize", "1"))
+    assert doc["imageUrls"] == [f"{url}/{n}.png" for n in range(1, total + 1)], doc
+    sidecar = read_sidecar(server.output, url)
+    assert sidecar["status"] == "COMPLETE"
+    assert [image["n"] for image in sidecar["images"]] == list(range(1, total + 1))
+    pngs: list[bytes] = []
+    for record, image_url in zip(sidecar["images"], doc["imageUrls"], strict=True):
+        resp = server.get(image_url)
+        assert resp.status == 200, image_url
+        with Image.open(io.BytesIO(resp.body)) as image:
+            image.load()
+        assert hashlib.sha256(resp.body).hexdigest() == record["sha256"]
+        done_before_run = record["n"] - record["position"]
+        assert record["seed"] == (int(params["seed"]) + done_before_run) % SEED_LIMIT, record
+        pngs.append(resp.body)
+    assert len(set(pngs)) == total, "duplicate images"
+    leftovers = sorted(p.name for p in job_folder(server.output, url).iterdir())
+    assert leftovers == sorted(
+        ["job.json", "job.log", "inputs", *(f"{n}.png" for n in range(1, total + 1))]
+    )
+    if workdir is not None:
+        by_seed: dict[int, list[dict[str, Any]]] = {}
+        for record in sidecar["images"]:
+            by_seed.setdefault(record["seed"], []).append(record)
+        for seed, records in by_seed.items():
+            made = reproduce_txt2img(params, seed, max(r["position"] for r in records), workdir)
+            for record in records:
+                assert pngs[record["n"] - 1] == made[record["position"] - 1], record
+    return pngs
+
+
+# --- raw HTTP, for requests http.client refuses to send -----------------------------------
+
+
+def tls_socket(server: Server, timeout: float = 10.0) -> ssl.SSLSocket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+    return server.context().wrap_socket(sock, server_hostname="localhost")
+
+
+def parse_response(data: bytes) -> Response:
+    """One HTTP/1.x response with a Content-Length body (what the server always sends)."""
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    length = int(headers.get("Content-Length", len(rest)))
+    return Response(status, headers, rest[:length])
+
+
+def raw_request(server: Server, data: bytes, timeout: float = 10.0) -> Response:
+    """Send `data` as is on a new TLS connection; read the one response."""
+    with tls_socket(server, timeout) as sock:
+        sock.sendall(data)
+        received = read_response(sock)
+    if not received:
+        raise AssertionError(f"no response to {data[:80]!r}")
+    return parse_response(received)
+
+
+def read_response(sock: ssl.SSLSocket, received: bytes = b"") -> bytes:
+    """Bytes until one whole response has arrived or the server closed the connection."""
+    try:
+        while not _complete(received) and (chunk := sock.recv(65536)):
+            received += chunk
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return received
+
+
+def _complete(data: bytes) -> bool:
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(rest) >= int(value)
+    return False
