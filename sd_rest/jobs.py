@@ -166,14 +166,25 @@ class Job:
     @classmethod
     def from_sidecar(cls, data: dict[str, Any]) -> Job:
         """Raises KeyError/ValueError/TypeError on a sidecar that is not ours or is damaged."""
+        if not isinstance(data, dict):
+            raise TypeError(f"the sidecar is a JSON {type(data).__name__}, not an object")
         if data.get("version") != SIDECAR_VERSION:
             raise ValueError(f"unknown sidecar version {data.get('version')!r}")
+        if not isinstance(data["images"], list):
+            raise TypeError("images is not a list")
         images = tuple(ImageRecord.from_json(item) for item in data["images"])
         if [image.n for image in images] != list(range(1, len(images) + 1)):
             raise ValueError("images are not numbered 1..N")
         params = data["params"]
         if not isinstance(params, dict):
             raise TypeError("params is not an object")
+        # What serving and resuming compute from params must not fail later, on a request.
+        if total_images(params) < 1 or len(images) > total_images(params):
+            raise ValueError("images do not fit iterations × batchSize")
+        int(params["seed"])
+        pid = data["pid"]
+        if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool)):
+            raise TypeError(f"pid {pid!r} is not a process id")
         return cls(
             id=str(data["id"]),
             endpoint=str(data["endpoint"]),
@@ -190,5 +201,5 @@ class Job:
             started_at=data["startedAt"],
             finished_at=data["finishedAt"],
             attempts=int(data["attempts"]),
-            pid=data["pid"],
+            pid=pid,
         )

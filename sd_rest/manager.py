@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -34,38 +35,62 @@ class JobManager:
         self._submitting: dict[Key, asyncio.Lock] = {}
         self._last_seq = 0
         self.closing = False
+        self._stop_sweep = threading.Event()
+        self._sweeper: asyncio.Future[None] | None = None
 
     # --- start and stop ---------------------------------------------------------------
 
     def recover(self) -> list[Job]:
-        """Before serving: load unfinished jobs and end any script a dead server left running."""
+        """Before serving: load unfinished jobs, end any script a dead server left running for
+        them, then clear what their interrupted runs left and mark them QUEUED again."""
         unfinished = self.store.recover()
         for job in unfinished:
-            if job.pid is not None and end_orphan(job.pid, str(self.store.run_dir(job))):
+            if job.pid is not None and end_orphan(job.pid, self.store.script_markers(job)):
                 log.warning(
-                    "ended script %d left running by a previous server (%s)", job.pid, job.id
+                    "ended script %d left running by a previous server (%s/%s)",
+                    job.pid,
+                    job.endpoint,
+                    job.id,
                 )
+        for job in unfinished:
+            self.store.resume(job)
             self._last_seq = max(self._last_seq, job.seq)
+        if unfinished:
+            log.info("resuming %d unfinished job(s)", len(unfinished))
         return unfinished
 
     async def start(self, unfinished: list[Job]) -> None:
+        """Queue the recovered jobs (before any new one can be posted: submission order) and
+        start the workers; finished jobs are checked in the background."""
         for job in unfinished:
             await self.queue.put(job)
         self.queue.start()
-        asyncio.get_running_loop().run_in_executor(None, self._sweep)
+        self._sweeper = asyncio.get_running_loop().run_in_executor(None, self._sweep)
 
     def _sweep(self) -> None:
-        quarantined = self.store.sweep()
+        try:
+            quarantined = self.store.sweep(self._stop_sweep)
+        except Exception:  # a check in the background must not take the server down
+            log.exception("the background check of finished jobs failed")
+            return
         if quarantined:
             log.warning("quarantined %d job folder(s) with damaged sidecars", quarantined)
 
+    def stop_taking(self) -> None:
+        """From now on POSTs get 503 and no waiting job is started."""
+        self.closing = True
+        self.queue.stop_taking()
+
     async def shutdown(self) -> None:
         """Stop taking jobs, interrupt running scripts (killed after the grace period) and
-        leave their jobs resumable."""
-        self.closing = True
+        leave their jobs resumable: QUEUED and IN_PROGRESS jobs stay on disk as they are."""
+        self.stop_taking()
+        self._stop_sweep.set()
         for runner, _ in list(self._running.values()):
             runner.stop(self.settings.shutdown_grace)
         await self.queue.close()
+        if self._sweeper is not None:
+            await self._sweeper
 
     # --- requests ---------------------------------------------------------------------
 
@@ -179,13 +204,19 @@ class JobManager:
     # --- running ----------------------------------------------------------------------
 
     async def _run(self, job: Job) -> None:
-        if job.status.finished:
-            return
+        if job.status.finished or self.closing:
+            return  # canceled while waiting; or left QUEUED for the next start
         key = (job.endpoint, job.id)
-        runner = JobRunner(self.settings, self.store, job)
+        if len(job.images) >= job.total_images:
+            # Every image was published but the server died before saying COMPLETE.
+            await self.store.save(
+                job, status=Status.COMPLETE, pid=None, finished_at=time.time(), error=None
+            )
+            return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._running[key] = (runner, done)
         try:
+            runner = JobRunner(self.settings, self.store, job)
+            self._running[key] = (runner, done)
             await runner.run()
         except Exception as exc:
             log.exception("job %s/%s failed inside the server", job.endpoint, job.id)
@@ -197,7 +228,7 @@ class JobManager:
                 error=f"internal error while running the job: {exc}",
             )
         finally:
-            del self._running[key]
+            self._running.pop(key, None)
             done.set_result(None)
 
     @property

@@ -5,20 +5,53 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
+
+ORPHAN_WAIT = 5.0  # seconds to wait for a killed orphan to be gone
+# Signals a script must not inherit as ignored: a server started under `nohup` (SIGHUP) or
+# in the background of a non-interactive shell (SIGINT) passes its ignored signals on through
+# exec, and then neither the pty hang-up nor our interrupt would end the script.
+RESET_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGPIPE)
+
+
+def _proc_available() -> bool:
+    return Path("/proc/self/stat").exists()
 
 
 def command_line(pid: int) -> str | None:
-    """The process's command line, or None when it is gone (Linux /proc, else `ps` on macOS)."""
-    proc = Path(f"/proc/{pid}/cmdline")
-    if proc.parent.parent.is_dir() and Path("/proc/self").exists():
+    """The process's command line, or None when it is gone (Linux /proc, else `ps` on macOS).
+    A zombie has an empty command line."""
+    if _proc_available():
         try:
-            return proc.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            return (
+                Path(f"/proc/{pid}/cmdline")
+                .read_bytes()
+                .replace(b"\0", b" ")
+                .decode(errors="replace")
+            )
         except OSError:
             return None
+    return _ps(pid, "command=")
+
+
+def is_running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie has ended: it only waits to be reaped)."""
+    if _proc_available():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+        except OSError:
+            return False
+        # The state follows the command name, which is in parentheses and may hold any byte.
+        return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] not in ("Z", "X", "")
+    state = _ps(pid, "stat=")
+    return bool(state) and not state.startswith("Z")
+
+
+def _ps(pid: int, column: str) -> str | None:
     try:
         result = subprocess.run(
-            ["ps", "-p", str(pid), "-o", "command="],
+            ["ps", "-p", str(pid), "-o", column],
             capture_output=True,
             text=True,
             check=False,
@@ -38,21 +71,32 @@ def signal_group(pid: int, sig: signal.Signals) -> bool:
     return True
 
 
-def end_orphan(pid: int, marker: str) -> bool:
-    """Kill a script left running by a previous server, only if its command line names `marker`.
-
-    The pid may have been reused by an unrelated process since; the marker (the job's own run
-    folder, which is in the script's argv) tells ours apart.
-    """
+def is_our_script(pid: int, markers: tuple[str, ...]) -> bool:
+    """Whether `pid` runs with every one of `markers` in its command line. A recorded pid may
+    have been reused by an unrelated process since; the job's own run folder and the script's
+    path, both in our scripts' argv, tell ours apart."""
     cmd = command_line(pid)
-    if cmd is None or marker not in cmd:
-        return False
-    return signal_group(pid, signal.SIGKILL) or _kill(pid)
+    return bool(cmd) and all(marker in cmd for marker in markers)
 
 
-def _kill(pid: int) -> bool:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+def end_orphan(pid: int, markers: tuple[str, ...], wait: float = ORPHAN_WAIT) -> bool:
+    """Kill a script left running by a previous server, only if it is ours (see
+    `is_our_script`), and wait until it is gone, so that it cannot write into a run folder
+    that is being cleared. Returns whether it was killed."""
+    if pid <= 1 or pid == os.getpid() or not is_our_script(pid, markers):
         return False
+    if not signal_group(pid, signal.SIGKILL):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return False
+    deadline = time.monotonic() + wait
+    while is_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return True
+
+
+def reset_signals() -> None:
+    """Run in the script's process before exec (see RESET_SIGNALS)."""
+    for sig in RESET_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)

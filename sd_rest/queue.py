@@ -56,6 +56,10 @@ class JobQueue:
         for number in range(self.concurrency):
             self._workers.append(asyncio.create_task(self._worker(), name=f"worker-{number}"))
 
+    def stop_taking(self) -> None:
+        """No worker starts another job (waiting ones stay where they are)."""
+        self._closed = True
+
     async def close(self) -> None:
         """Stop taking jobs; running ones are the caller's to stop. Waits for the workers."""
         self._closed = True

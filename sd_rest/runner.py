@@ -8,7 +8,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from .endpoints import IMAGE_TO_IMAGE, INPAINT_IMAGE
 from .files import write_atomic
 from .jobs import ImageRecord, Job, Status
 from .pngfile import is_complete_png
-from .processes import signal_group
+from .processes import reset_signals, signal_group
 from .progress import ProgressParser, last_error
 from .scripts import (
     INPAINT_CHECKPOINT,
@@ -64,7 +63,8 @@ class JobRunner:
         self.job = job
         self.plan: RunPlan = plan_run(job.params, job.total_images, len(job.images))
         self.parser = ProgressParser()
-        self._child: pexpect.spawn | None = None
+        self._pid: int | None = None  # the running script, until it is reaped
+        self._grace = settings.shutdown_grace
         self._canceled = False
         self._stopping = False
         self._publish_lock = asyncio.Lock()
@@ -82,19 +82,27 @@ class JobRunner:
     def stop(self, grace: float) -> None:
         """The server is stopping: interrupt, kill after `grace`; the job stays resumable."""
         self._stopping = True
+        self._grace = grace
         self._end(signal.SIGINT, grace)
 
+    def _end_as_asked(self) -> None:
+        """A cancel or stop that came while the script was being started."""
+        if self._canceled:
+            self._end(signal.SIGTERM, CANCEL_KILL_AFTER)
+        elif self._stopping:
+            self._end(signal.SIGINT, self._grace)
+
     def _end(self, first: signal.Signals, kill_after: float) -> None:
-        child = self._child
-        if child is None or not child.isalive():
+        # `_pid` is cleared once the script is reaped: its number may then belong to another
+        # process. (pexpect's isalive() would reap it here, racing the thread that waits.)
+        if self._pid is None:
             return
-        signal_group(child.pid, first)
+        signal_group(self._pid, first)
         asyncio.get_running_loop().call_later(kill_after, self._kill)
 
     def _kill(self) -> None:
-        child = self._child
-        if child is not None and child.isalive():
-            signal_group(child.pid, signal.SIGKILL)
+        if self._pid is not None:
+            signal_group(self._pid, signal.SIGKILL)
 
     # --- the run ----------------------------------------------------------------------
 
@@ -135,10 +143,9 @@ class JobRunner:
 
     def _prepare(self) -> RunFolders:
         """A fresh work folder per run, so the scripts' numbering starts at 00000."""
-        root = self.store.run_dir(self.job)
-        shutil.rmtree(root, ignore_errors=True)
+        root = self.store.fresh_run_dir(self.job)
         outdir = root / "out"
-        outdir.mkdir(parents=True)
+        outdir.mkdir()
         if self.job.endpoint != INPAINT_IMAGE:
             images = outdir / "samples"
             images.mkdir()
@@ -179,13 +186,14 @@ class JobRunner:
                 env=env,
                 dimensions=(PTY_ROWS, PTY_COLUMNS),
                 echo=False,
+                preexec_fn=reset_signals,
             )
         except (pexpect.ExceptionPexpect, OSError) as exc:
             stop_watching.set()
             await watcher
             logfile.write(f"could not start the script: {exc}\n".encode())
             raise ScriptStartError(f"could not start {argv[0]}: {exc}") from exc
-        self._child = child
+        self._pid = child.pid
         await self.store.save(
             self.job,
             status=Status.IN_PROGRESS,
@@ -194,8 +202,7 @@ class JobRunner:
             started_at=time.time(),
             error=None,
         )
-        if self._canceled or self._stopping:  # asked while we were saving
-            self._end(signal.SIGTERM, CANCEL_KILL_AFTER)
+        self._end_as_asked()  # in case it was asked while we were saving
 
         def on_readable() -> None:
             try:
@@ -217,6 +224,7 @@ class JobRunner:
         self.parser.finish()
         logfile.flush()
         exit_status = await loop.run_in_executor(None, self._wait, child)
+        self._pid = None
         stop_watching.set()
         await watcher
         return exit_status
@@ -304,12 +312,15 @@ class JobRunner:
     async def _finish(self, exit_status: int | None, folders: RunFolders) -> None:
         await self._publish_ready(folders)
         job = self.job
-        self._child = None
         now = time.time()
-        if self._stopping and not self._complete:
-            # Left IN_PROGRESS (or QUEUED) on purpose: the next start resumes it.
+        loop = asyncio.get_running_loop()
+        if self._stopping and not self._complete and not self._canceled:
+            # Left unfinished on purpose: the next start resumes it, and clears the work folder.
             await self.store.save(job, pid=None)
             return
+        # The work folder goes before the outcome is visible: a job seen finished has nothing
+        # left running or lying around, and a re-POST may start a new run at once.
+        await loop.run_in_executor(None, self.store.remove_run_dir, job)
         if self._complete:
             await self.store.save(
                 job, status=Status.COMPLETE, pid=None, finished_at=now, error=None
@@ -320,8 +331,6 @@ class JobRunner:
             await self.store.save(
                 job, status=Status.FAILED, pid=None, finished_at=now, error=self._error(exit_status)
             )
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, shutil.rmtree, folders.root, True)
 
     @property
     def _complete(self) -> bool:

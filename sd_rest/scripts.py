@@ -19,12 +19,16 @@ PTY_ROWS = 24
 INPAINT_CONFIG = Path("models/ldm/inpainting_big/config.yaml")
 INPAINT_CHECKPOINT = Path("models/ldm/inpainting_big/last.ckpt")
 INPAINT_INPUT_NAME = "image"  # inputs/image.png + inputs/image_mask.png -> <outdir>/image.png
+# The scripts' seeds are 32-bit (numpy's): an out-of-range one is replaced by a random seed,
+# so a resumed run's seed wraps around instead.
+SEED_LIMIT = 2**32
 
 
 @dataclass(frozen=True)
 class RunPlan:
     """One script run of a job. A resumed job runs only its missing images, seeded
-    `seed + done` so the scripts (which seed once per run) do not repeat earlier images."""
+    `seed + done` (modulo 2**32) so the scripts, which seed once per run, do not repeat
+    earlier images."""
 
     done: int  # images already published before this run
     remaining: int  # images this run must deliver
@@ -49,7 +53,7 @@ def plan_run(params: Params, total: int, done: int) -> RunPlan:
     return RunPlan(
         done=done,
         remaining=remaining,
-        seed=int(params["seed"]) + done,
+        seed=(int(params["seed"]) + done) % SEED_LIMIT,
         n_iter=math.ceil(remaining / batch),
         n_samples=batch,
     )

@@ -10,10 +10,14 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .app import create_app
+from .app import create_app, make_runner
 from .manager import JobManager
 
 log = logging.getLogger(__name__)
+
+# Seconds requests still being handled get to finish once the server stops: a client slowly
+# uploading a body must not hold the exit up.
+REQUEST_GRACE = 2.0
 
 
 async def serve(
@@ -24,21 +28,29 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM, then stop taking jobs, end running scripts, exit."""
-    unfinished = manager.recover()
-    app = create_app(manager)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=context, backlog=1024)
-    await site.start()
-    await manager.start(unfinished)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if on_ready is not None:
-        on_ready(f"https://{host}:{port}")
-    await stop.wait()
-    log.info("stopping: no new jobs; ending running scripts")
-    await site.stop()
-    await manager.shutdown()
-    await runner.cleanup()
+    unfinished = manager.recover()
+    app = create_app(manager)
+    runner = make_runner(app, shutdown_timeout=REQUEST_GRACE)
+    await runner.setup()
+    # Recovered jobs are queued before the first request can add one: submission order holds.
+    await manager.start(unfinished)
+    site = web.TCPSite(
+        runner, host, port, ssl_context=context, backlog=1024, shutdown_timeout=REQUEST_GRACE
+    )
+    try:
+        await site.start()
+        if on_ready is not None:
+            on_ready(f"https://{host}:{port}")
+        await stop.wait()
+        log.info("stopping: no new jobs; ending running scripts")
+        manager.stop_taking()
+        await site.stop()
+    finally:
+        # Also when listening failed: scripts already started for recovered jobs must end.
+        await manager.shutdown()
+        await runner.cleanup()
+    log.info("stopped")

@@ -22,15 +22,18 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .endpoints import ENDPOINTS
-from .files import fsync_dir, is_temp_file, write_atomic
+from .files import fsync_dir, is_temp_file, make_dirs, write_atomic
 from .jobs import Job, Status
+from .processes import end_orphan
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,9 @@ class JobStore:
         self.queue_dir = output / ".queue"
         self.quarantine_dir = output / ".quarantine"
         self._jobs: dict[tuple[str, str], Job] = {}
+        # Held while a run folder is made, a leftover one removed or a folder quarantined, so
+        # that the background sweep never takes the folder of a run that has just started.
+        self._folders = threading.Lock()
 
     # --- paths ------------------------------------------------------------------------
 
@@ -69,6 +75,10 @@ class JobStore:
 
     def input_path(self, job: Job, field: str) -> Path:
         return self.folder(job) / INPUTS / job.inputs[field]
+
+    def script_markers(self, job: Job) -> tuple[str, ...]:
+        """What the command line of this job's script holds: its run folder, its script."""
+        return (str(self.run_dir(job)), ENDPOINTS[job.endpoint].script)
 
     def _marker(self, endpoint: str, job_id: str) -> Path:
         return self.queue_dir / f"{endpoint}.{job_id}"
@@ -99,15 +109,17 @@ class JobStore:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            self._quarantine(self.job_dir(endpoint, job_id), f"unreadable sidecar: {exc}")
+        except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+            # Other errors (too many open files, I/O) may pass: they are raised, not taken
+            # for a damaged job.
+            self._quarantine(self.job_dir(endpoint, job_id), f"unreadable sidecar: {exc}", None)
             return None
         try:
             job = Job.from_sidecar(json.loads(data))
             if (job.endpoint, job.id) != (endpoint, job_id):
                 raise ValueError(f"sidecar names {job.endpoint}/{job.id}")
-        except (ValueError, KeyError, TypeError) as exc:
-            self._quarantine(self.job_dir(endpoint, job_id), f"corrupt sidecar: {exc}")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            self._quarantine(self.job_dir(endpoint, job_id), f"corrupt sidecar: {exc}", data)
             return None
         return job
 
@@ -124,7 +136,7 @@ class JobStore:
     def _write_new(self, job: Job, sidecar: dict[str, Any], inputs: dict[str, bytes]) -> None:
         self._write_marker(job.endpoint, job.id)
         folder = self.folder(job) / INPUTS
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(folder)
         for field, data in inputs.items():
             write_atomic(folder / job.inputs[field], data)
         self._write_sidecar(job.endpoint, job.id, sidecar)
@@ -157,12 +169,12 @@ class JobStore:
 
     def _write_sidecar(self, endpoint: str, job_id: str, sidecar: dict[str, Any]) -> None:
         folder = self.job_dir(endpoint, job_id)
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(folder)
         data = json.dumps(sidecar, indent=1, ensure_ascii=False).encode()
         write_atomic(folder / SIDECAR, data)
 
     def _write_marker(self, endpoint: str, job_id: str) -> None:
-        self.queue_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.queue_dir)
         marker = self._marker(endpoint, job_id)
         if not marker.exists():
             marker.touch()
@@ -175,10 +187,24 @@ class JobStore:
             return
         fsync_dir(self.queue_dir)
 
+    # --- runs ---------------------------------------------------------------------------
+
+    def fresh_run_dir(self, job: Job) -> Path:
+        """An empty work folder for a new run, so the scripts' numbering starts at 00000."""
+        root = self.run_dir(job)
+        with self._folders:
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+        return root
+
+    def remove_run_dir(self, job: Job) -> None:
+        shutil.rmtree(self.run_dir(job), ignore_errors=True)
+
     # --- start-up -----------------------------------------------------------------------
 
     def recover(self) -> list[Job]:
-        """Load every unfinished job (sorted by submission) and clear its leftovers."""
+        """Load every unfinished job, sorted by submission. Their leftovers are not touched
+        yet: a script a dead server left running must be ended first (`resume` then clears)."""
         unfinished: list[Job] = []
         for endpoint, job_id in self._markers():
             folder = self.job_dir(endpoint, job_id)
@@ -188,16 +214,44 @@ class JobStore:
                 self._remove_marker(endpoint, job_id)
                 continue
             job = self._read_job(endpoint, job_id)
-            if job is None or job.status.finished:
+            if job is None:
                 self._remove_marker(endpoint, job_id)
-                if job is not None:
-                    self._jobs[(endpoint, job_id)] = job
                 continue
-            self.clear_leftovers(job)
             self._jobs[(endpoint, job_id)] = job
+            if job.status.finished:
+                # Died between the terminal sidecar and the marker's removal.
+                self.clear_leftovers(job)
+                self._remove_marker(endpoint, job_id)
+                continue
             unfinished.append(job)
         unfinished.sort(key=lambda job: job.seq)
         return unfinished
+
+    def resume(self, job: Job) -> None:
+        """Make an interrupted job ready to run again, durably: clear what its last run left,
+        keep only images whose files are there, and mark it QUEUED without a script."""
+        self.clear_leftovers(job)
+        images = job.images
+        for record in job.images:
+            if not self.image_path(job, record.n).is_file():
+                images = job.images[: record.n - 1]
+                break
+        if images != job.images:
+            log.warning(
+                "job %s/%s: image %d is missing on disk; it and the later ones will be made again",
+                job.endpoint,
+                job.id,
+                len(images) + 1,
+            )
+        if job.status is Status.QUEUED and job.pid is None and images == job.images:
+            return
+        job.images = images
+        job.status = Status.QUEUED
+        job.pid = None
+        job.updated_at = time.time()
+        self._write_unfinished(job, job.to_sidecar())
+        self.clear_leftovers(job)  # images beyond the kept ones
+        job.invalidate()
 
     def _markers(self) -> Iterator[tuple[str, str]]:
         try:
@@ -212,28 +266,53 @@ class JobStore:
                 (self.queue_dir / name).unlink(missing_ok=True)
 
     def clear_leftovers(self, job: Job) -> None:
-        """Remove what an interrupted run left: its work folder, temp files, unrecorded PNGs."""
+        """Remove what an interrupted run left: its work folder, temp files (of images, of the
+        sidecar, of inputs) and PNGs published but never recorded in the sidecar."""
         folder = self.folder(job)
         shutil.rmtree(folder / RUN, ignore_errors=True)
-        for entry in os.scandir(folder):
-            match = IMAGE_RE.match(entry.name)
-            if is_temp_file(entry.name) or (match and int(match.group(1)) > len(job.images)):
-                Path(entry.path).unlink(missing_ok=True)
+        for parent in (folder, folder / INPUTS):
+            try:
+                entries = list(os.scandir(parent))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                match = IMAGE_RE.match(entry.name) if parent == folder else None
+                if is_temp_file(entry.name) or (match and int(match.group(1)) > len(job.images)):
+                    Path(entry.path).unlink(missing_ok=True)
 
-    def sweep(self) -> int:
-        """Background check of every job folder not in memory: quarantine damaged sidecars and
-        remove stale temp files. Returns how many folders were quarantined."""
+    def sweep(self, stop: threading.Event | None = None) -> int:
+        """Background check of every job folder not in memory: quarantine damaged sidecars,
+        remove stale temp files and a finished job's leftover run folder. Stops early when
+        `stop` is set. Returns how many folders were quarantined."""
         quarantined = 0
         now = time.time()
         for endpoint, job_id, folder in self._job_folders():
-            if (endpoint, job_id) in self._jobs or self._marker(endpoint, job_id).exists():
+            if stop is not None and stop.is_set():
+                break
+            if not self._idle(endpoint, job_id):
                 continue
-            for entry in os.scandir(folder):
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
                 if is_temp_file(entry.name) and now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
                     Path(entry.path).unlink(missing_ok=True)
-            if (folder / SIDECAR).exists() and self._read_job(endpoint, job_id) is None:
+            if not (folder / SIDECAR).exists():
+                continue
+            job = self._read_job(endpoint, job_id)
+            if job is None:
                 quarantined += 1
+            elif job.status.finished and (folder / RUN).exists():
+                with self._folders:
+                    # Checked again under the lock: a request may have loaded and re-queued it.
+                    if self._idle(endpoint, job_id):
+                        shutil.rmtree(folder / RUN, ignore_errors=True)
         return quarantined
+
+    def _idle(self, endpoint: str, job_id: str) -> bool:
+        """Neither in memory nor unfinished: nothing else can be touching this folder."""
+        return (endpoint, job_id) not in self._jobs and not self._marker(endpoint, job_id).exists()
 
     def _job_folders(self) -> Iterator[tuple[str, str, Path]]:
         for endpoint in ENDPOINTS:
@@ -246,12 +325,15 @@ class JobStore:
                     yield endpoint, entry.name, Path(entry.path)
 
     def delete_incomplete(self) -> int:
-        """Remove every job that is not COMPLETE, with all its files. Returns how many."""
+        """Before serving: remove every job that is not COMPLETE, with all its files (a script
+        a dead server left running for it is ended first). Returns how many."""
         removed = 0
         for endpoint, job_id, folder in self._job_folders():
             job = self._read_job(endpoint, job_id)
             if job is not None and job.status is Status.COMPLETE:
                 continue
+            if job is not None and job.pid is not None:
+                end_orphan(job.pid, self.script_markers(job))
             if folder.exists():
                 shutil.rmtree(folder)
                 removed += 1
@@ -259,12 +341,25 @@ class JobStore:
         shutil.rmtree(self.queue_dir, ignore_errors=True)
         return removed
 
-    def _quarantine(self, folder: Path, reason: str) -> None:
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
-        target = self.quarantine_dir / f"{folder.parent.name}-{folder.name}-{int(time.time())}"
-        try:
-            folder.rename(target)
-        except OSError as exc:
-            log.warning("could not quarantine %s (%s): %s", folder, reason, exc)
-            return
+    def _quarantine(self, folder: Path, reason: str, bad: bytes | None) -> None:
+        """Move a job folder whose sidecar cannot be used out of the way, with a warning.
+        `bad`: the sidecar bytes found damaged; the folder is moved only if they are still
+        there, so a job made anew under the same id in the meantime is never taken."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = f"{folder.parent.name}-{folder.name}-{stamp}-{secrets.token_hex(3)}"
+        target = self.quarantine_dir / name
+        with self._folders:
+            if bad is not None:
+                try:
+                    if (folder / SIDECAR).read_bytes() != bad:
+                        return
+                except OSError:
+                    return  # already moved, or replaced by a new job still being written
+            try:
+                make_dirs(self.quarantine_dir)
+                folder.rename(target)
+            except OSError as exc:
+                log.warning("could not quarantine %s (%s): %s", folder / SIDECAR, reason, exc)
+                return
+            fsync_dir(folder.parent)
         log.warning("moved %s to %s: %s", folder / SIDECAR, target, reason)
