@@ -26,7 +26,9 @@ from sd_rest.validation import MAX_PIXELS, MAX_SIDE, MIN_PIXELS
 MAX_UPLOAD_BYTES: Final = 20 * 1024 * 1024  # the app's request size limit uses this
 MAX_DECODE_PIXELS: Final = 40_000_000  # refuse before decoding anything bigger
 MAX_DECODE_SIDE: Final = 16384  # WebP's own limit; longer sides are no photograph
-IMAGE_TO_IMAGE_MULTIPLE: Final = 32  # img2img.py cuts the size down to this itself
+# img2img.py only cuts its init image to multiples of 32 itself, but the model's UNet needs
+# multiples of 64 (as for txt2img's sizes): we cut to 64 so the script's own cut is a no-op.
+IMAGE_TO_IMAGE_MULTIPLE: Final = 64
 INPAINT_MULTIPLE: Final = 8  # the inpainting model's latent scale; we cut to it
 MASK_THRESHOLD: Final = 128
 MASK_RATIO_TOLERANCE: Final = 0.01
@@ -44,10 +46,12 @@ def decode_image(field: str, data: bytes) -> Image.Image:
 
 
 def prepare_init_image(data: bytes) -> bytes:
-    """image-to-image: PNG bytes of the RGB image at its size (img2img.py cuts it to /32)."""
+    """image-to-image: PNG bytes of the RGB image cut down (top-left kept) to multiples of 64."""
     opened = _open("image", data)
-    _cut_size("image", opened.size, IMAGE_TO_IMAGE_MULTIPLE)
-    return _png(_to_rgb(_load("image", opened)))
+    _cut_size("image", opened.size, IMAGE_TO_IMAGE_MULTIPLE)  # refuse before decoding the pixels
+    picture = _to_rgb(_load("image", opened))
+    width, height = _cut_size("image", picture.size, IMAGE_TO_IMAGE_MULTIPLE)  # turned by EXIF
+    return _png(_crop(picture, width, height))
 
 
 def prepare_inpaint(image: bytes, mask: bytes) -> tuple[bytes, bytes]:

@@ -111,8 +111,8 @@ def test_image_to_image_end_to_end(shared_server: Server) -> None:
     doc = shared_server.wait_status(resp.headers["Location"], {"COMPLETE", "FAILED"})
     assert doc["status"] == "COMPLETE", doc
     images = fetch_pngs(shared_server, doc)
-    # The script cuts the init image down to multiples of 32.
-    assert [image.size for image in images] == [(288, 288)] * 2
+    # The server cuts the init image down to multiples of 64 (the UNet needs them).
+    assert [image.size for image in images] == [(256, 256)] * 2
 
 
 def test_inpaint_end_to_end(shared_server: Server) -> None:

@@ -304,7 +304,7 @@ def img2img(
 ) -> subprocess.CompletedProcess[str]:
     if init is None:
         init = tmp_path / "init.png"
-        Image.new("RGB", (300, 200), (200, 40, 40)).save(init)
+        Image.new("RGB", (330, 200), (200, 40, 40)).save(init)
     return run(
         "img2img",
         "--prompt=a red barn",
@@ -324,8 +324,8 @@ def test_img2img_output_size_steps_and_defaults(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     samples = tmp_path / "out" / "samples"
     assert sorted(os.listdir(samples)) == ["00000.png", "00001.png"]  # --n_samples 2 default
-    assert png_size(samples / "00000.png") == (288, 192)
-    assert "loaded input image of size (300, 200)" in result.stdout
+    assert png_size(samples / "00000.png") == (320, 192)  # cut to multiples of 32
+    assert "loaded input image of size (330, 200)" in result.stdout
     assert "target t_enc is 6 steps\n" in result.stdout
     assert "Running DDIM Sampling with 6 timesteps" in result.stdout
     assert "\rDecoding image: 100%|██████████| 6/6 [" in result.stderr
@@ -336,7 +336,7 @@ def test_img2img_strength_zero_keeps_the_init_image(tmp_path: Path) -> None:
     result = img2img(tmp_path, "--strength=0", "--n_samples=1")
     assert "Decoding image: 0it [00:00, ?it/s]" in result.stderr
     with Image.open(tmp_path / "out" / "samples" / "00000.png") as out:
-        assert out.getcolors() == [(288 * 192, (200, 40, 40))]
+        assert out.getcolors() == [(320 * 192, (200, 40, 40))]
 
 
 @pytest.mark.parametrize(
@@ -350,6 +350,13 @@ def test_img2img_strength_zero_keeps_the_init_image(tmp_path: Path) -> None:
 )
 def test_img2img_documented_crashes(tmp_path: Path, args: list[str], error: str) -> None:
     assert failed_with(img2img(tmp_path, *args), error)
+
+
+def test_img2img_sizes_that_are_not_multiples_of_64_fail_in_the_unet(tmp_path: Path) -> None:
+    init = tmp_path / "odd.png"
+    Image.new("RGB", (300, 200), (200, 40, 40)).save(init)  # cut to 288×192: 36×24 latent
+    result = img2img(tmp_path, init=init)
+    assert failed_with(result, "RuntimeError: Sizes of tensors must match")
 
 
 def test_img2img_checks_the_init_image_after_loading(tmp_path: Path) -> None:

@@ -96,11 +96,11 @@ def no_pillow_bomb_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     ("fmt", "options"),
     [("PNG", {}), ("JPEG", {"quality": 95}), ("WEBP", {}), ("WEBP", {"lossless": True})],
 )
-def test_accepted_formats_become_an_rgb_png_of_the_original_size(
+def test_accepted_formats_become_an_rgb_png_cut_to_multiples_of_64(
     fmt: str, options: dict[str, object]
 ) -> None:
     output = decoded(prepare_init_image(encode(marked((333, 300)), fmt, **options)))
-    assert (output.size, output.mode) == ((333, 300), "RGB")
+    assert (output.size, output.mode) == ((320, 256), "RGB")
     red, green, blue = output.getpixel((10, 10))
     assert red > 200 and green < 60 and blue < 60
     assert output.getpixel((300, 200))[2] > 200
@@ -241,7 +241,7 @@ def test_a_lowered_pillow_limit_does_not_refuse_png_or_jpeg(
         }
     monkeypatch.undo()  # our own checks below open the outputs with Image.open
     for init, image, mask in outputs.values():
-        assert decoded(init).size == (300, 260)
+        assert decoded(init).size == (256, 256)
         assert decoded(image).size == decoded(mask).size == (296, 256)
 
 
@@ -311,18 +311,29 @@ def test_icc_profiles_are_dropped() -> None:
 # --- image-to-image size limits -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [(287, 287), (1055, 1055), (2048, 512), (512, 2079), (300, 1000)])
-def test_init_images_within_the_limits_keep_their_size(size: tuple[int, int]) -> None:
-    assert decoded(prepare_init_image(encode(Image.new("RGB", size), "PNG"))).size == size
+@pytest.mark.parametrize(
+    ("size", "cut"),
+    [
+        ((319, 300), (256, 256)),
+        ((1055, 1055), (1024, 1024)),
+        ((2048, 512), (2048, 512)),
+        ((512, 2079), (512, 2048)),
+        ((300, 1000), (256, 960)),
+    ],
+)
+def test_init_images_within_the_limits_are_cut_to_multiples_of_64(
+    size: tuple[int, int], cut: tuple[int, int]
+) -> None:
+    assert decoded(prepare_init_image(encode(Image.new("RGB", size), "PNG"))).size == cut
 
 
 @pytest.mark.parametrize(
     ("size", "message"),
     [
-        ((300, 200), "288×192 = 55296 pixels"),
-        ((255, 4000), "224×4000"),
-        ((1100, 1000), "1088×992 = 1079296 pixels, too large"),
-        ((2100, 256), "each side must be at most 2048"),
+        ((300, 200), "256×192 = 49152 pixels"),
+        ((255, 4000), "192×3968"),
+        ((1100, 1100), "1088×1088 = 1183744 pixels, too large"),
+        ((2200, 256), "each side must be at most 2048"),
     ],
 )
 def test_init_images_outside_the_limits_are_refused(size: tuple[int, int], message: str) -> None:

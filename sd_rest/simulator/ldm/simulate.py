@@ -345,10 +345,10 @@ class Sampler:
         if not 0 <= t_enc < size:
             raise RuntimeError(f"index {t_enc} is out of bounds for dimension 0 with size {size}")
 
-    def decode(self, t_start: int) -> None:
+    def decode(self, t_start: int, first_step_check: Callable[[], None] | None = None) -> None:
         total = len(self.timesteps[:t_start])
         print(f"Running DDIM Sampling with {total} timesteps", flush=True)
-        self.run.denoise("Decoding image", total, None)
+        self.run.denoise("Decoding image", total, first_step_check)
 
 
 def encode_png(image: Image.Image) -> bytes:

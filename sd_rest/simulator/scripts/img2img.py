@@ -58,7 +58,9 @@ def main() -> None:
     for _ in track(range(opt.n_iter), desc="Sampling"):
         for prompts in track(data, desc="data"):
             sampler.stochastic_encode(t_enc)
-            sampler.decode(t_enc)
+            # The same UNet as txt2img: a size that is a multiple of 32 but not of 64 fails.
+            latent = (init_image.height // 8, init_image.width // 8)
+            sampler.decode(t_enc, lambda latent=latent: sim.check_unet_sizes(*latent))
             images = []
             for j in range(batch_size):
                 index = j if opt.fixed_code else made + j
