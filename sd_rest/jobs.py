@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -28,7 +29,7 @@ class Status(str, Enum):
         return self in (Status.COMPLETE, Status.FAILED, Status.CANCELED)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageRecord:
     """Image `<n>.png`, made by a run seeded `seed`, as that run's `position`-th image."""
 
@@ -56,7 +57,7 @@ def job_id(endpoint: str, params: Params, checkpoint: str, uploads: dict[str, st
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Job:
     id: str
     endpoint: str
@@ -187,11 +188,11 @@ class Job:
             raise TypeError(f"pid {pid!r} is not a process id")
         return cls(
             id=str(data["id"]),
-            endpoint=str(data["endpoint"]),
-            params=params,
-            checkpoint=str(data["checkpoint"]),
-            uploads=dict(data["uploads"]),
-            inputs=dict(data["inputs"]),
+            endpoint=sys.intern(str(data["endpoint"])),
+            params=_interned_keys(params),
+            checkpoint=sys.intern(str(data["checkpoint"])),
+            uploads=_interned_keys(data["uploads"]),
+            inputs={sys.intern(k): sys.intern(v) for k, v in dict(data["inputs"]).items()},
             seq=int(data["seq"]),
             status=Status(data["status"]),
             images=images,
@@ -203,3 +204,9 @@ class Job:
             attempts=int(data["attempts"]),
             pid=pid,
         )
+
+
+def _interned_keys(mapping: dict[str, Any]) -> dict[str, Any]:
+    # Thousands of jobs stay in memory: share the few distinct key strings between them
+    # (json.loads makes new ones for every sidecar it reads).
+    return {sys.intern(key): value for key, value in dict(mapping).items()}

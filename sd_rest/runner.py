@@ -71,6 +71,7 @@ class JobRunner:
         self._taken = 0  # this run's output files already published
         self._start_error: str | None = None
         self._tasks: set[asyncio.Future[None]] = set()
+        self._watcher: asyncio.Task[None] | None = None
 
     # --- control ----------------------------------------------------------------------
 
@@ -110,10 +111,8 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         job = self.job
         job.progress = None
-        folders = await loop.run_in_executor(None, self._prepare)
-        argv = self._argv(folders)
+        folders, argv, logfile = await loop.run_in_executor(None, self._prepare_run)
         env = script_environment(os.environ, self.settings.repository, folders.root / "site")
-        logfile = await loop.run_in_executor(None, self._open_log, argv)
         try:
             if self._canceled or self._stopping:
                 await self._finish(None, folders)
@@ -124,7 +123,17 @@ class JobRunner:
             exit_status = None
         finally:
             logfile.close()
-        await self._finish(exit_status, folders)
+        try:
+            await self._finish(exit_status, folders)
+        finally:
+            if self._watcher is not None:
+                await self._watcher
+
+    def _prepare_run(self):  # type: ignore[no-untyped-def]
+        """One trip to a worker thread: the work folder, the argv, the log opened."""
+        folders = self._prepare()
+        argv = self._argv(folders)
+        return folders, argv, self._open_log(argv)
 
     def _argv(self, folders: RunFolders) -> list[str]:
         job = self.job
@@ -174,7 +183,7 @@ class JobRunner:
     ) -> int | None:  # type: ignore[no-untyped-def]
         loop = asyncio.get_running_loop()
         stop_watching = asyncio.Event()
-        watcher = asyncio.create_task(
+        watcher = self._watcher = asyncio.create_task(
             watch_folder(folders.images, self._publish_ready_later(folders), stop_watching)
         )
         eof = asyncio.Event()
@@ -225,8 +234,9 @@ class JobRunner:
         logfile.flush()
         exit_status = await loop.run_in_executor(None, self._wait, child)
         self._pid = None
+        # Not awaited here: the watcher notices the stop only at its next poll, and the final
+        # sweep in _finish publishes whatever it has not seen yet.
         stop_watching.set()
-        await watcher
         return exit_status
 
     @staticmethod
@@ -234,6 +244,9 @@ class JobRunner:
         """The exit code, or None when a signal ended the script."""
         with contextlib.suppress(pexpect.ExceptionPexpect):
             child.wait()
+        # The script is reaped: pexpect's close() would first sleep 0.1 s (ptyprocess's
+        # delayafterclose, which spawn's own attribute of that name does not reach).
+        child.ptyproc.delayafterclose = 0
         child.close(force=True)
         if child.signalstatus is not None:
             return None
