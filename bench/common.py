@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sd_rest.demo import make_self_signed_certificate
+
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_TO_IMAGE = "text-to-image"
 TERMINAL = frozenset({"COMPLETE", "FAILED", "CANCELED"})
@@ -115,28 +117,7 @@ def summary_ms(values: Sequence[float]) -> dict[str, float]:
 def make_certificate(folder: Path) -> tuple[Path, Path]:
     """A throwaway self-signed certificate for 127.0.0.1 (the clients do not verify it)."""
     cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    make_self_signed_certificate(cert, key, days=2)
     return cert, key
 
 

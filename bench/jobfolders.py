@@ -51,7 +51,7 @@ def tiny_png() -> bytes:
 
 def demo_checkpoint(endpoint: str) -> str:
     """The checkpoint a demo server records for this endpoint's jobs."""
-    from sd_rest.cli import SIMULATOR
+    from sd_rest.demo import SIMULATOR
 
     model = ENDPOINTS[endpoint].model
     return str((SIMULATOR / "models" / "demo" / f"{model}.ckpt").resolve())

@@ -15,11 +15,11 @@ import click
 
 from . import __version__
 from .config import Settings
+from .demo import SIMULATOR, demo_certificate, demo_checkpoint
 from .endpoints import ENDPOINTS
 
 log = logging.getLogger("sd_rest")
 
-SIMULATOR = Path(__file__).parent / "simulator"
 DEFAULT_REPOSITORY = "./stable-diffusion"
 VENDORED_REPOSITORY = "./vendor/stable-diffusion"
 API_KEY_ENV = "SD_REST_API_KEY"
@@ -280,41 +280,20 @@ def _demo_model(ctx: click.Context, given: str, model: str) -> str:
     explicit = ctx.get_parameter_source(f"{model.replace('-', '_')}_model")
     if explicit is not click.core.ParameterSource.DEFAULT or Path(given).is_file():
         return given
-    return str(SIMULATOR / "models" / "demo" / f"{model}.ckpt")
+    return str(demo_checkpoint(model))
 
 
 def _demo_certificate(cert: str, key: str, output: Path) -> tuple[str, str]:
     if Path(cert).is_file() and Path(key).is_file():
         return cert, key
-    demo_cert, demo_key = output / "demo-cert.pem", output / "demo-key.pem"
-    if demo_cert.is_file() and demo_key.is_file():
-        return str(demo_cert), str(demo_key)
-    output.mkdir(parents=True, exist_ok=True)
-    command = [
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "30",
-        "-subj",
-        "/CN=localhost",
-        "-addext",
-        "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        "-keyout",
-        str(demo_key),
-        "-out",
-        str(demo_cert),
-    ]
     try:
-        subprocess.run(command, check=True, capture_output=True)
+        demo_cert, demo_key, made = demo_certificate(output)
     except (OSError, subprocess.CalledProcessError) as exc:
         raise StartupError(f"could not make a demo certificate with openssl: {exc}") from exc
-    click.echo(
-        f"demo mode: made a throwaway self-signed certificate {demo_cert} (key {demo_key}); "
-        "curl needs --insecure (-k) with it",
-        err=True,
-    )
+    if made:
+        click.echo(
+            f"demo mode: made a throwaway self-signed certificate {demo_cert} (key {demo_key}); "
+            "curl needs --insecure (-k) with it",
+            err=True,
+        )
     return str(demo_cert), str(demo_key)
