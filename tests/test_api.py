@@ -87,6 +87,47 @@ def test_batches_and_iterations_number_every_image(make_server) -> None:
     assert len({image.tobytes() for image in images}) == 4  # four different images
 
 
+REQUESTS = {
+    "text-to-image": ({"prompt": "a red fox", "steps": "10", "width": "256", "height": "256"}, {}),
+    "image-to-image": (
+        {"prompt": "a red fox in snow", "steps": "20", "strength": "0.5"},
+        {"image": png_bytes(320, 256)},
+    ),
+    "inpaint-image": (
+        {"steps": "10"},
+        {"image": png_bytes(256, 320), "mask": mask_bytes(256, 320)},
+    ),
+}
+
+
+@pytest.mark.parametrize("endpoint", list(REQUESTS))
+def test_every_endpoint_queued_in_progress_complete(make_server, endpoint: str) -> None:
+    server = make_server(env={"SD_SIM_STEP_SECONDS": "0.04", "SD_SIM_LOAD_SECONDS": "0.2"})
+    fields, files = REQUESTS[endpoint]
+    resp = server.post_form(endpoint, fields, files)
+    assert resp.status == 303, resp.body
+    location = resp.headers["Location"]
+    # The POST's body is the status document of the new job.
+    assert resp.json() == {"status": "QUEUED", "resultUrl": location, "imageUrls": []}
+    docs = list(server.poll(location, {"COMPLETE", "FAILED"}))
+    statuses = [d["status"] for d in docs]
+    # In order, each seen: QUEUED (while the script loads), IN_PROGRESS, COMPLETE.
+    assert statuses[0] == "QUEUED" and statuses[-1] == "COMPLETE", docs[-1]
+    first_running = statuses.index("IN_PROGRESS")
+    assert set(statuses[:first_running]) == {"QUEUED"}
+    assert set(statuses[first_running:-1]) == {"IN_PROGRESS"}
+    fractions = [d["progress"]["currentImageProgress"] for d in docs if "progress" in d]
+    assert any(0 < f < 1 for f in fractions), fractions
+    progress_never_backwards(docs)
+    (image,) = fetch_pngs(server, docs[-1])
+    assert (
+        image.size
+        == {"text-to-image": (256, 256), "image-to-image": (320, 256), "inpaint-image": (256, 320)}[
+            endpoint
+        ]
+    )
+
+
 def test_image_served_with_etag_and_long_caching(shared_server: Server) -> None:
     resp = shared_server.post_form("text-to-image", {"prompt": "cache me", "steps": "2"})
     doc = shared_server.wait_status(resp.headers["Location"], {"COMPLETE"})
