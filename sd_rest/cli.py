@@ -126,6 +126,8 @@ def main(
     demo: bool,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # watchfiles logs every batch of changes it sees at INFO: one line per image is noise.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     _check_api_key(api_key)
     _check_limits()
     output_path = Path(output).absolute()
