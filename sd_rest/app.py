@@ -20,18 +20,17 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from .bodies import MAX_BODY_BYTES, first_line
 from .errors import ApiError
 from .manager import JobManager
 from .routes import (
     CORS_HEADERS,
     LIMITS,
     MANAGER,
-    MAX_BODY_BYTES,
     OUTPUT_ROOT,
     Limits,
     add_routes,
     error_response,
-    first_line,
 )
 
 log = logging.getLogger(__name__)
