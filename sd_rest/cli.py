@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import click
 
@@ -83,7 +84,7 @@ class OriginalHelp(click.Command):
 class StartupError(click.ClickException):
     """One clear line (and a hint) instead of a traceback."""
 
-    def show(self, file=None) -> None:  # type: ignore[no-untyped-def]
+    def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"stable-diffusion-rest-api: error: {self.message}", err=True)
 
 

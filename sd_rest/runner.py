@@ -11,7 +11,9 @@ import re
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import pexpect
 
@@ -129,7 +131,7 @@ class JobRunner:
             if self._watcher is not None:
                 await self._watcher
 
-    def _prepare_run(self):  # type: ignore[no-untyped-def]
+    def _prepare_run(self) -> tuple[RunFolders, list[str], BinaryIO]:
         """One trip to a worker thread: the work folder, the argv, the log opened."""
         folders = self._prepare()
         argv = self._argv(folders)
@@ -170,7 +172,7 @@ class JobRunner:
         (site / "sitecustomize.py").write_text(sitecustomize_source(self.plan.seed))
         return RunFolders(root, outdir, outdir, cwd)
 
-    def _open_log(self, argv: list[str]):  # type: ignore[no-untyped-def]
+    def _open_log(self, argv: list[str]) -> BinaryIO:
         logfile = open(self.store.log_path(self.job), "ab")  # noqa: SIM115 - closed by run()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         header = f"\n=== sd-rest run {self.job.attempts + 1} at {stamp}: {argv!r}\n"
@@ -179,12 +181,12 @@ class JobRunner:
         return logfile
 
     async def _spawn_and_stream(
-        self, argv: list[str], env: dict[str, str], folders: RunFolders, logfile
-    ) -> int | None:  # type: ignore[no-untyped-def]
+        self, argv: list[str], env: dict[str, str], folders: RunFolders, logfile: BinaryIO
+    ) -> int | None:
         loop = asyncio.get_running_loop()
         stop_watching = asyncio.Event()
         watcher = self._watcher = asyncio.create_task(
-            watch_folder(folders.images, self._publish_ready_later(folders), stop_watching)
+            watch_folder(folders.images, partial(self._publish_ready, folders), stop_watching)
         )
         eof = asyncio.Event()
         try:
@@ -265,12 +267,6 @@ class JobRunner:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _publish_ready_later(self, folders: RunFolders):  # type: ignore[no-untyped-def]
-        async def callback() -> None:
-            await self._publish_ready(folders)
-
-        return callback
-
     # --- images -----------------------------------------------------------------------
 
     async def _publish_ready(self, folders: RunFolders) -> None:
@@ -278,15 +274,9 @@ class JobRunner:
         async with self._publish_lock:
             loop = asyncio.get_running_loop()
             while self._taken < self.plan.remaining:
-                files = await loop.run_in_executor(None, self._outputs, folders)
-                if self._taken >= len(files):
-                    return
                 n = self.plan.image_number(self._taken + 1)
                 digest = await loop.run_in_executor(
-                    None,
-                    self._copy_if_complete,
-                    files[self._taken],
-                    self.store.image_path(self.job, n),
+                    None, self._copy_if_complete, folders, self.store.image_path(self.job, n)
                 )
                 if digest is None:
                     return
@@ -309,10 +299,14 @@ class JobRunner:
             )
         return [folders.images / name for name in sorted(names) if SAMPLE_RE.match(name)]
 
-    @staticmethod
-    def _copy_if_complete(source: Path, target: Path) -> str | None:
+    def _copy_if_complete(self, folders: RunFolders, target: Path) -> str | None:
+        """Copy the next output file to `target` if it is there and complete (one thread hop
+        per image); returns its SHA-256, or None when it is not ready yet."""
+        files = self._outputs(folders)
+        if self._taken >= len(files):
+            return None
         try:
-            data = source.read_bytes()
+            data = files[self._taken].read_bytes()
         except FileNotFoundError:
             return None
         if not is_complete_png(data):
