@@ -7,6 +7,7 @@ import pytest
 import trustme
 
 from helpers import Server
+from realfork import RealFork, build, kit_folder, skip_reason
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +63,12 @@ def shared_server(
     yield server
     if server.process is not None and server.process.poll() is None:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def real_fork() -> RealFork:
+    """The real fork's kit, built on first use (see tests/realfork.py); skips without it."""
+    kit = kit_folder()
+    if kit is None:
+        pytest.skip(skip_reason())
+    return build(kit)
