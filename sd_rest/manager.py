@@ -15,7 +15,7 @@ from .endpoints import ENDPOINTS, INPAINT_IMAGE
 from .errors import ApiError
 from .jobs import Job, Params, Status, job_id
 from .processes import end_orphan
-from .queue import JobQueue, QueueFull
+from .queue import JobQueue, Place
 from .runner import JobRunner
 from .scripts import INPAINT_INPUT_NAME
 from .store import JobStore
@@ -127,11 +127,15 @@ class JobManager:
         checkpoint = str(self.check_ready(endpoint).resolve())
         digests = {field: hashlib.sha256(data).hexdigest() for field, data in uploads.items()}
         key = (endpoint, job_id(endpoint, params, checkpoint, digests))
+        # Before the first await: concurrent submissions must not all see the same free room.
+        place = self.queue.reserve()
         lock = self._submitting.setdefault(key, asyncio.Lock())
         try:
             async with lock:
-                return await self._submit(key, params, checkpoint, digests, inputs)
+                return await self._submit(key, params, checkpoint, digests, inputs, place)
         finally:
+            if place is not None:
+                place.release()  # a no-op once the job took it
             if not lock.locked() and self._submitting.get(key) is lock:
                 del self._submitting[key]
 
@@ -142,12 +146,13 @@ class JobManager:
         checkpoint: str,
         digests: dict[str, str],
         inputs: dict[str, bytes],
+        place: Place | None,
     ) -> Job:
         endpoint, id_ = key
         existing = await self.store.get(endpoint, id_)
         if existing is not None:
             if existing.status in (Status.FAILED, Status.CANCELED) and key not in self._running:
-                self._check_room()
+                self._check_room(place)
                 # Queued anew; images it already has are kept and only the rest are made.
                 await self.store.save(
                     existing,
@@ -156,9 +161,9 @@ class JobManager:
                     error=None,
                     finished_at=None,
                 )
-                await self.queue.put(existing)
+                await self.queue.put(existing, place)
             return existing
-        self._check_room()
+        self._check_room(place)
         now = time.time()
         job = Job(
             id=id_,
@@ -172,14 +177,14 @@ class JobManager:
             updated_at=now,
         )
         await self.store.add(job, inputs)
-        await self.queue.put(job)
+        await self.queue.put(job, place)
         return job
 
-    def _check_room(self) -> None:
-        try:
-            self.queue.check_room()
-        except QueueFull as exc:
-            raise ApiError(429, "queue_full", f"{exc}; try again later") from exc
+    def _check_room(self, place: Place | None) -> None:
+        """429 for a job that needs a place when none could be reserved (a POST of a job that
+        exists already needs none, so it is answered even when the queue is full)."""
+        if place is None:
+            raise ApiError(429, "queue_full", f"{self.queue.full_error()}; try again later")
 
     async def get(self, endpoint: str, id_: str) -> Job | None:
         return self.store.cached(endpoint, id_) or await self.store.get(endpoint, id_)

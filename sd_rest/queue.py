@@ -17,6 +17,22 @@ class QueueFull(Exception):
     pass
 
 
+class Place:
+    """A place in the queue held for a job being stored: taken by `JobQueue.put`, or given
+    back by `release` (idempotent). Reserved before the first `await` of a submission, so
+    submissions that arrive together cannot all pass the room check."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue: JobQueue) -> None:
+        self._queue: JobQueue | None = queue
+
+    def release(self) -> None:
+        if self._queue is not None:
+            self._queue._reserved -= 1
+            self._queue = None
+
+
 class JobQueue:
     def __init__(
         self, concurrency: int, max_waiting: int, run: Callable[[Job], Awaitable[None]]
@@ -25,6 +41,7 @@ class JobQueue:
         self.max_waiting = max_waiting
         self._run = run
         self._waiting: dict[Key, Job] = {}  # insertion order is submission order
+        self._reserved = 0  # places held by submissions still being stored
         self._changed = asyncio.Condition()
         self._workers: list[asyncio.Task[None]] = []
         self._closed = False
@@ -40,11 +57,20 @@ class JobQueue:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def check_room(self) -> None:
-        if len(self._waiting) >= self.max_waiting:
-            raise QueueFull(f"the queue is full ({self.max_waiting} jobs waiting)")
+    def reserve(self) -> Place | None:
+        """A place for one more job, or None when waiting and reserved places fill the queue."""
+        if len(self._waiting) + self._reserved >= self.max_waiting:
+            return None
+        self._reserved += 1
+        return Place(self)
 
-    async def put(self, job: Job) -> None:
+    def full_error(self) -> QueueFull:
+        return QueueFull(f"the queue is full ({self.max_waiting} jobs waiting)")
+
+    async def put(self, job: Job, place: Place | None = None) -> None:
+        """Queue `job`, in the place reserved for it (recovered jobs need none)."""
+        if place is not None:
+            place.release()
         self._waiting[self.key(job)] = job
         async with self._changed:
             self._changed.notify()
