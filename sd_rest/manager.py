@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -223,14 +224,16 @@ class JobManager:
             runner = JobRunner(self.settings, self.store, job)
             self._running[key] = (runner, done)
             await runner.run()
-        except Exception as exc:
-            log.exception("job %s/%s failed inside the server", job.endpoint, job.id)
+        except Exception:
+            # The exception's text can name server paths: clients get the id it is logged as.
+            incident = secrets.token_hex(8)
+            log.exception("job %s/%s failed inside the server (%s)", job.endpoint, job.id, incident)
             await self.store.save(
                 job,
                 status=Status.FAILED,
                 pid=None,
                 finished_at=time.time(),
-                error=f"internal error while running the job: {exc}",
+                error=f"internal server error while running the job; it was logged as {incident}",
             )
         finally:
             self._running.pop(key, None)

@@ -39,6 +39,9 @@ _EXCEPTION_LINE = re.compile(
     r"(?:[A-Za-z_]\w*\.)*(?:[A-Za-z_]\w*)?(?:Error|Exception|Interrupt|Exit)(?::\s.*|:)?"
 )
 
+# A line that calls itself an error ("CUDA error: …", "txt2img.py: error: …").
+_ERROR_WORD = re.compile(r"(?i)\berror\b")
+
 # A pending segment longer than this is flushed as a line: output without any `\r` or `\n`
 # must not grow the buffer without bound.
 _MAX_PENDING = 64 * 1024
@@ -183,7 +186,8 @@ def is_bar_line(line: str) -> bool:
 
 def last_error(lines: Sequence[str]) -> str | None:
     """The line that best explains a failure: the last exception line, else the last line
-    mentioning an error, else the last non-empty line. Bar lines never count."""
+    that says it is an error (or the shell's `Killed`). An ordinary line never counts, and
+    neither does a bar or a warning: None when nothing looks like an error."""
     candidates = [
         stripped for line in lines if (stripped := _clean(line)) and _parse_bar(stripped) is None
     ]
@@ -191,6 +195,6 @@ def last_error(lines: Sequence[str]) -> str | None:
         if _EXCEPTION_LINE.fullmatch(line):
             return line
     for line in reversed(candidates):
-        if "error" in line.lower():
+        if (_ERROR_WORD.search(line) and "Warning" not in line) or line == "Killed":
             return line
-    return candidates[-1] if candidates else None
+    return None

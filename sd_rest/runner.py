@@ -19,6 +19,7 @@ import pexpect
 
 from .config import Settings
 from .endpoints import IMAGE_TO_IMAGE, INPAINT_IMAGE
+from .exits import ScriptExit, failure_message
 from .files import write_atomic
 from .jobs import ImageRecord, Job, Status
 from .pngfile import is_complete_png
@@ -119,14 +120,14 @@ class JobRunner:
             if self._canceled or self._stopping:
                 await self._finish(None, folders)
                 return
-            exit_status = await self._spawn_and_stream(argv, env, folders, logfile)
+            ended = await self._spawn_and_stream(argv, env, folders, logfile)
         except ScriptStartError as exc:
             self._start_error = str(exc)
-            exit_status = None
+            ended = None
         finally:
             logfile.close()
         try:
-            await self._finish(exit_status, folders)
+            await self._finish(ended, folders)
         finally:
             if self._watcher is not None:
                 await self._watcher
@@ -182,7 +183,7 @@ class JobRunner:
 
     async def _spawn_and_stream(
         self, argv: list[str], env: dict[str, str], folders: RunFolders, logfile: BinaryIO
-    ) -> int | None:
+    ) -> ScriptExit:
         loop = asyncio.get_running_loop()
         stop_watching = asyncio.Event()
         watcher = self._watcher = asyncio.create_task(
@@ -234,25 +235,22 @@ class JobRunner:
             loop.remove_reader(child.child_fd)
         self.parser.finish()
         logfile.flush()
-        exit_status = await loop.run_in_executor(None, self._wait, child)
+        ended = await loop.run_in_executor(None, self._wait, child)
         self._pid = None
         # Not awaited here: the watcher notices the stop only at its next poll, and the final
         # sweep in _finish publishes whatever it has not seen yet.
         stop_watching.set()
-        return exit_status
+        return ended
 
     @staticmethod
-    def _wait(child: pexpect.spawn) -> int | None:
-        """The exit code, or None when a signal ended the script."""
+    def _wait(child: pexpect.spawn) -> ScriptExit:
         with contextlib.suppress(pexpect.ExceptionPexpect):
             child.wait()
         # The script is reaped: pexpect's close() would first sleep 0.1 s (ptyprocess's
         # delayafterclose, which spawn's own attribute of that name does not reach).
         child.ptyproc.delayafterclose = 0
         child.close(force=True)
-        if child.signalstatus is not None:
-            return None
-        return child.exitstatus
+        return ScriptExit(child.exitstatus, child.signalstatus)
 
     def _on_output(self, data: bytes, folders: RunFolders) -> None:
         previous = self.parser.progress
@@ -316,7 +314,7 @@ class JobRunner:
 
     # --- outcome ----------------------------------------------------------------------
 
-    async def _finish(self, exit_status: int | None, folders: RunFolders) -> None:
+    async def _finish(self, ended: ScriptExit | None, folders: RunFolders) -> None:
         await self._publish_ready(folders)
         job = self.job
         now = time.time()
@@ -336,27 +334,22 @@ class JobRunner:
             await self.store.save(job, status=Status.CANCELED, pid=None, finished_at=now)
         else:
             await self.store.save(
-                job, status=Status.FAILED, pid=None, finished_at=now, error=self._error(exit_status)
+                job, status=Status.FAILED, pid=None, finished_at=now, error=self._error(ended)
             )
 
     @property
     def _complete(self) -> bool:
         return len(self.job.images) >= self.job.total_images
 
-    def _error(self, exit_status: int | None) -> str:
-        if self._start_error:
-            return self._start_error
-        line = last_error(self.parser.recent_lines())
-        if exit_status == 0:
+    def _error(self, ended: ScriptExit | None) -> str:
+        if self._start_error or ended is None:
+            return self._start_error or "the script could not be started"
+        if ended.code == 0:
             return (
                 f"the script exited without writing image {len(self.job.images) + 1} "
                 f"of {self.job.total_images}"
             )
-        if line:
-            return line
-        if exit_status is None:
-            return "the script was killed by a signal"
-        return f"the script exited with status {exit_status}"
+        return failure_message(ended, last_error(self.parser.recent_lines()))
 
 
 class ScriptStartError(Exception):

@@ -225,7 +225,9 @@ def test_script_failure_is_reported_and_queue_moves_on(make_server) -> None:
     fine = server.post_form("text-to-image", {"prompt": "fine", "steps": "4"}).headers["Location"]
     doc = server.wait_status(failing, {"FAILED", "COMPLETE"})
     assert doc["status"] == "FAILED"
-    assert doc["error"] == "RuntimeError: simulated failure at step 6"
+    assert doc["error"] == (
+        "RuntimeError: simulated failure at step 6 (the script exited with status 1)"
+    )
     # Step 6 is in the second image: the first one was finished and stays listed.
     assert doc["imageUrls"] == [f"{failing}/1.png"]
     assert server.get(f"{failing}/1.png").status == 200

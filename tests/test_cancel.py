@@ -133,7 +133,9 @@ def test_post_again_after_failure_keeps_images_and_makes_the_rest(
         counts.append((doc["status"], len(doc["imageUrls"])))
         if doc["status"] == "COMPLETE":
             break
-        assert doc["error"] == "RuntimeError: simulated failure at step 6"
+        assert doc["error"] == (
+            "RuntimeError: simulated failure at step 6 (the script exited with status 1)"
+        )
         again = server.post_form("text-to-image", PARAMS)
         assert again.headers["Location"] == url and again.json()["status"] == "QUEUED"
     assert counts == [("FAILED", 1), ("FAILED", 2), ("COMPLETE", 3)]

@@ -413,4 +413,17 @@ def test_last_error_never_returns_a_bar_line() -> None:
     ]
     assert last_error(bars) is None
     assert last_error(["MemoryError", *bars]) == "MemoryError"
-    assert last_error(["loading", *bars]) == "loading"
+    assert last_error(["loading", *bars]) is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Running DDIM Sampling with 8 timesteps\n",
+        "Loading model from x.ckpt\nGlobal Step: 470000\n",
+        WARNINGS,
+        "/x/lib/warnings.py:1: UserWarning: the error handler is deprecated\n",
+    ],
+)
+def test_ordinary_output_is_never_taken_for_an_error(text: str) -> None:
+    assert last_error(lines_of(text)) is None

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import signal
 import sys
 import sysconfig
 import time
@@ -57,6 +58,8 @@ class Knobs:
     load_seconds: float = 0.3
     step_seconds: float = 0.02
     fail_at_step: int | None = None
+    exit_at_step: tuple[int, int] | None = None  # (step, status): a silent exit
+    kill_at_step: int | None = None  # SIGKILL to itself, as an out-of-memory killer does
     write_seconds: float = 0.0
     argv_log: str | None = None
     event_log: str | None = None
@@ -64,10 +67,15 @@ class Knobs:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Knobs:
         fail = environ.get("SD_SIM_FAIL_AT_STEP", "").strip()
+        exit_at = environ.get("SD_SIM_EXIT_AT_STEP", "").strip()
+        kill = environ.get("SD_SIM_KILL_AT_STEP", "").strip()
+        step, _, status = exit_at.partition(":")
         return cls(
             load_seconds=float(environ.get("SD_SIM_LOAD_SECONDS", cls.load_seconds)),
             step_seconds=float(environ.get("SD_SIM_STEP_SECONDS", cls.step_seconds)),
             fail_at_step=int(fail) if fail else None,
+            exit_at_step=(int(step), int(status or 3)) if exit_at else None,
+            kill_at_step=int(kill) if kill else None,
             write_seconds=float(environ.get("SD_SIM_WRITE_SECONDS", cls.write_seconds)),
             argv_log=environ.get("SD_SIM_ARGV_LOG") or None,
             event_log=environ.get("SD_SIM_EVENT_LOG") or None,
@@ -105,6 +113,10 @@ class Run:
             self.steps_taken += 1
             if self.steps_taken == self.knobs.fail_at_step:
                 raise RuntimeError(f"simulated failure at step {self.steps_taken}")
+            if self.knobs.exit_at_step and self.steps_taken == self.knobs.exit_at_step[0]:
+                os._exit(self.knobs.exit_at_step[1])
+            if self.steps_taken == self.knobs.kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
             if i == 0 and first_step_check is not None:
                 first_step_check()
             time.sleep(self.knobs.step_seconds)
