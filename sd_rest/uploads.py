@@ -29,7 +29,8 @@ MAX_DECODE_SIDE: Final = 16384  # WebP's own limit; longer sides are no photogra
 # img2img.py only cuts its init image to multiples of 32 itself, but the model's UNet needs
 # multiples of 64 (as for txt2img's sizes): we cut to 64 so the script's own cut is a no-op.
 IMAGE_TO_IMAGE_MULTIPLE: Final = 64
-INPAINT_MULTIPLE: Final = 8  # the inpainting model's latent scale; we cut to it
+# The inpainting model's first stage divides sides by 4 and its UNet halves them three times.
+INPAINT_MULTIPLE: Final = 32
 MASK_THRESHOLD: Final = 128
 MASK_RATIO_TOLERANCE: Final = 0.01
 
@@ -55,7 +56,7 @@ def prepare_init_image(data: bytes) -> bytes:
 
 
 def prepare_inpaint(image: bytes, mask: bytes) -> tuple[bytes, bytes]:
-    """inpaint-image: (image PNG, mask PNG) of one size, cut down to multiples of 8.
+    """inpaint-image: (image PNG, mask PNG) of one size, cut down to multiples of 32.
 
     The cut keeps the top-left corner. A mask of the image's aspect ratio but another size
     is resized to the image first.

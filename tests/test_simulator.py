@@ -423,9 +423,9 @@ def inpaint(
 
 
 def test_inpaint_pairs_masks_thresholds_and_keeps_the_rest(tmp_path: Path) -> None:
-    picture = Image.new("RGB", (64, 48), (10, 120, 200))
+    picture = Image.new("RGB", (64, 96), (10, 120, 200))
     job = inpaint_job(
-        tmp_path, {"a": (picture, half_mask((64, 48))), "b": (picture, half_mask((64, 48)))}
+        tmp_path, {"a": (picture, half_mask((64, 96))), "b": (picture, half_mask((64, 96)))}
     )
     Image.new("RGB", (64, 48)).save(tmp_path / "in" / "unpaired.png")
 
@@ -438,11 +438,11 @@ def test_inpaint_pairs_masks_thresholds_and_keeps_the_rest(tmp_path: Path) -> No
     assert "\n\r0it [00:00, ?it/s]" in result.stderr
     assert re.search(r"\r2it \[\d\d:\d\d, [^\]]+\]\n$", result.stderr)
     with Image.open(tmp_path / "out" / "a.png") as out:
-        assert out.size == (64, 48)
-        kept = out.crop((0, 0, 32, 48))
-        assert kept.getcolors() == [(32 * 48, (10, 120, 200))]
+        assert out.size == (64, 96)
+        kept = out.crop((0, 0, 32, 96))
+        assert kept.getcolors() == [(32 * 96, (10, 120, 200))]
         assert ImageChops.difference(
-            out.crop((32, 0, 64, 48)), picture.crop((32, 0, 64, 48))
+            out.crop((32, 0, 64, 96)), picture.crop((32, 0, 64, 96))
         ).getbbox()
 
 
@@ -465,6 +465,23 @@ def test_inpaint_needs_its_relative_model_files_and_equal_sizes(tmp_path: Path) 
     assert failed_with(result, "FileNotFoundError: [Errno 2] No such file or directory: 'models/")
     result = inpaint(tmp_path, job, None, "out")
     assert failed_with(result, "RuntimeError: The size of tensor a (56) must match")
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        # What the real inpaint.py prints for these sizes (its UNet floors odd sides).
+        ((264, 264), "Expected size 32 but got size 33 for tensor number 1 in the list."),
+        ((272, 256), "Expected size 16 but got size 17 for tensor number 1 in the list."),
+    ],
+)
+def test_inpaint_fails_on_sides_that_are_not_multiples_of_32(
+    tmp_path: Path, size: tuple[int, int], message: str
+) -> None:
+    job = inpaint_job(tmp_path, {"x": (Image.new("RGB", size), Image.new("L", size, 255))})
+    result = inpaint(tmp_path, job, None, "out")
+    prefix = "RuntimeError: Sizes of tensors must match except in dimension 1."
+    assert failed_with(result, f"{prefix} {message}")
 
 
 # --- knobs ---------------------------------------------------------------------------------

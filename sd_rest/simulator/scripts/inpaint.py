@@ -36,13 +36,29 @@ def make_batch(image_path: str, mask_path: str) -> tuple[Image.Image, Image.Imag
     return image, mask
 
 
-def check_multiple_of_8(width: int, height: int) -> None:
+def vq_latent_side(side: int) -> int:
+    """The f=4 VQ encoder: two stride-2 convolutions after a (0, 1) pad."""
+    for _ in range(2):
+        side = (side - 2) // 2 + 1
+    return side
+
+
+def check_unet_skips(width: int, height: int) -> None:
+    """inpainting_big's UNet downsamples three times by average pooling (resblock_updown), which
+    floors odd sides, so its skip connections line up only for latents that are multiples of
+    8: images that are multiples of 32."""
     for side in (height, width):
-        if side % 8:
-            raise RuntimeError(
-                "Sizes of tensors must match except in dimension 1. Expected size "
-                f"{side // 8 * 2 + 2} but got size {side // 4} for tensor number 1 in the list."
-            )
+        sizes = [vq_latent_side(side)]
+        for _ in range(3):
+            sizes.append(sizes[-1] // 2)
+        upsampled = sizes[-1]
+        for skip in reversed(sizes[:-1]):
+            upsampled *= 2
+            if upsampled != skip:
+                raise RuntimeError(
+                    "Sizes of tensors must match except in dimension 1. Expected size "
+                    f"{upsampled} but got size {skip} for tensor number 1 in the list."
+                )
 
 
 def main() -> None:
@@ -76,7 +92,7 @@ def main() -> None:
             1,
             (3, height // 4, width // 4),
             0.0,
-            lambda width=width, height=height: check_multiple_of_8(width, height),
+            lambda width=width, height=height: check_unet_skips(width, height),
         )
         result = Image.composite(paint(width, height, "", seed, index), picture, region)
         sim.save_png(result, outpath, run)
