@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import stat
 from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
@@ -56,3 +58,33 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def is_temp_file(name: str) -> bool:
     return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+def is_plain_file(path: Path) -> bool:
+    """A regular file that is not a symbolic link: a link is never content."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def is_plain_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def read_plain(path: Path) -> bytes:
+    """The bytes of a regular file, never through a link at its last component (OSError with
+    ELOOP for a link, ENOENT when missing)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return file.read()
+
+
+def is_link_error(exc: OSError) -> bool:
+    """What O_NOFOLLOW gives for a link (Linux ELOOP; some BSDs EMLINK)."""
+    return exc.errno in (errno.ELOOP, errno.EMLINK)

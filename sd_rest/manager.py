@@ -154,6 +154,7 @@ class JobManager:
         if existing is not None:
             if existing.status in (Status.FAILED, Status.CANCELED) and key not in self._running:
                 self._check_room(place)
+                await self.store.restore_inputs(existing, inputs)
                 # Queued anew; images it already has are kept and only the rest are made.
                 await self.store.save(
                     existing,

@@ -20,7 +20,7 @@ import pexpect
 from .config import Settings
 from .endpoints import IMAGE_TO_IMAGE, INPAINT_IMAGE
 from .exits import ScriptExit, failure_message
-from .files import write_atomic
+from .files import is_link_error, write_atomic
 from .jobs import ImageRecord, Job, Status
 from .pngfile import is_complete_png
 from .processes import reset_signals, signal_group
@@ -114,7 +114,12 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         job = self.job
         job.progress = None
-        folders, argv, logfile = await loop.run_in_executor(None, self._prepare_run)
+        try:
+            folders, argv, logfile = await loop.run_in_executor(None, self._prepare_run)
+        except ScriptStartError as exc:
+            self._start_error = str(exc)
+            await self._finish(None, None)
+            return
         env = script_environment(os.environ, self.settings.repository, folders.root / "site")
         try:
             if self._canceled or self._stopping:
@@ -134,6 +139,10 @@ class JobRunner:
 
     def _prepare_run(self) -> tuple[RunFolders, list[str], BinaryIO]:
         """One trip to a worker thread: the work folder, the argv, the log opened."""
+        if not self.store.inputs_present(self.job):
+            raise ScriptStartError(
+                "the job's input files are missing from its folder; POST it again to restore them"
+            )
         folders = self._prepare()
         argv = self._argv(folders)
         return folders, argv, self._open_log(argv)
@@ -174,7 +183,16 @@ class JobRunner:
         return RunFolders(root, outdir, outdir, cwd)
 
     def _open_log(self, argv: list[str]) -> BinaryIO:
-        logfile = open(self.store.log_path(self.job), "ab")  # noqa: SIM115 - closed by run()
+        path = self.store.log_path(self.job)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            if not is_link_error(exc):
+                raise
+            path.unlink()  # a link is never the log: never write through one
+            fd = os.open(path, flags, 0o644)
+        logfile = os.fdopen(fd, "ab")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         header = f"\n=== sd-rest run {self.job.attempts + 1} at {stamp}: {argv!r}\n"
         logfile.write(header.encode())
@@ -314,8 +332,9 @@ class JobRunner:
 
     # --- outcome ----------------------------------------------------------------------
 
-    async def _finish(self, ended: ScriptExit | None, folders: RunFolders) -> None:
-        await self._publish_ready(folders)
+    async def _finish(self, ended: ScriptExit | None, folders: RunFolders | None) -> None:
+        if folders is not None:
+            await self._publish_ready(folders)
         job = self.job
         now = time.time()
         loop = asyncio.get_running_loop()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import errno
 import json
 import logging
 import os
@@ -31,7 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from .endpoints import ENDPOINTS
-from .files import fsync_dir, is_temp_file, make_dirs, write_atomic
+from .files import (
+    fsync_dir,
+    is_link_error,
+    is_plain_dir,
+    is_plain_file,
+    is_temp_file,
+    make_dirs,
+    read_plain,
+    write_atomic,
+)
 from .jobs import Job, Status
 from .processes import end_orphan
 
@@ -44,6 +54,8 @@ RUN = "run"
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 IMAGE_RE = re.compile(r"^([1-9][0-9]*)\.png$")
 STALE_TEMP_SECONDS = 60.0
+# A sidecar that is there but cannot be read as a file: a damaged job, not a passing fault.
+_UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EINVAL})
 
 
 class JobStore:
@@ -104,15 +116,21 @@ class JobStore:
         return len(self._jobs)
 
     def _read_job(self, endpoint: str, job_id: str) -> Job | None:
-        path = self.job_dir(endpoint, job_id) / SIDECAR
+        folder = self.job_dir(endpoint, job_id)
+        if os.path.islink(folder.parent):
+            return None  # a link is never content (recover() moves such links away)
+        if os.path.islink(folder):
+            self._quarantine(folder, "the job folder is a symbolic link", None)
+            return None
         try:
-            data = path.read_bytes()
+            data = read_plain(folder / SIDECAR)
         except FileNotFoundError:
             return None
-        except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-            # Other errors (too many open files, I/O) may pass: they are raised, not taken
-            # for a damaged job.
-            self._quarantine(self.job_dir(endpoint, job_id), f"unreadable sidecar: {exc}", None)
+        except OSError as exc:
+            # Other errors (too many open files, I/O) are raised, not taken for a damaged job.
+            if not (is_link_error(exc) or exc.errno in _UNREADABLE):
+                raise
+            self._quarantine(folder, f"unreadable sidecar: {exc}", None)
             return None
         try:
             job = Job.from_sidecar(json.loads(data))
@@ -135,10 +153,7 @@ class JobStore:
 
     def _write_new(self, job: Job, sidecar: dict[str, Any], inputs: dict[str, bytes]) -> None:
         self._write_marker(job.endpoint, job.id)
-        folder = self.folder(job) / INPUTS
-        make_dirs(folder)
-        for field, data in inputs.items():
-            write_atomic(folder / job.inputs[field], data)
+        self._write_inputs(job, inputs)
         self._write_sidecar(job.endpoint, job.id, sidecar)
 
     async def save(self, job: Job, **changes: Any) -> None:
@@ -193,9 +208,35 @@ class JobStore:
         """An empty work folder for a new run, so the scripts' numbering starts at 00000."""
         root = self.run_dir(job)
         with self._folders:
+            if root.is_symlink():
+                root.unlink()
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
         return root
+
+    def inputs_present(self, job: Job) -> bool:
+        """Whether every input file is there as a plain file, reached without a link."""
+        folder = self.folder(job) / INPUTS
+        if not job.inputs:
+            return True
+        return is_plain_dir(folder) and all(
+            is_plain_file(folder / name) for name in job.inputs.values()
+        )
+
+    async def restore_inputs(self, job: Job, inputs: dict[str, bytes]) -> None:
+        """Write a re-queued job's input files again (the same bytes: they make its id), so a
+        job whose inputs went missing runs again when it is posted again."""
+        if self.inputs_present(job):
+            return
+        await asyncio.get_running_loop().run_in_executor(None, self._write_inputs, job, inputs)
+
+    def _write_inputs(self, job: Job, inputs: dict[str, bytes]) -> None:
+        folder = self.folder(job) / INPUTS
+        if folder.is_symlink():
+            folder.unlink()
+        make_dirs(folder)
+        for field, data in inputs.items():
+            write_atomic(folder / job.inputs[field], data)
 
     def remove_run_dir(self, job: Job) -> None:
         shutil.rmtree(self.run_dir(job), ignore_errors=True)
@@ -205,6 +246,10 @@ class JobStore:
     def recover(self) -> list[Job]:
         """Load every unfinished job, sorted by submission. Their leftovers are not touched
         yet: a script a dead server left running must be ended first (`resume` then clears)."""
+        for endpoint in ENDPOINTS:
+            if os.path.islink(self.output / endpoint):
+                # Jobs are never read or written through a link: move it out of the way.
+                self._quarantine(self.output / endpoint, "an endpoint folder is a link", None)
         unfinished: list[Job] = []
         for endpoint, job_id in self._markers():
             folder = self.job_dir(endpoint, job_id)
@@ -233,7 +278,7 @@ class JobStore:
         self.clear_leftovers(job)
         images = job.images
         for record in job.images:
-            if not self.image_path(job, record.n).is_file():
+            if not is_plain_file(self.image_path(job, record.n)):
                 images = job.images[: record.n - 1]
                 break
         if images != job.images:

@@ -447,3 +447,48 @@ def test_delete_incomplete_removes_every_job_not_complete(
     assert server.get(f"{complete}/1.png").body == before
     assert server.get("/").json()["queued"] == 0
     assert len(read_jsonl(logs["argv"])) == runs
+
+
+def test_an_unfinished_jobs_image_that_is_a_link_is_made_again(
+    make_server, logs: dict[str, Path], tmp_path: Path
+) -> None:
+    server = make_server(env=sim_env(logs, SD_SIM_STEP_SECONDS="0.05"))
+    url = server.post_form("text-to-image", PARAMS).headers["Location"]
+    kill_between_images(server, url, logs)
+    kill_server(server, logs)
+    image = job_folder(server.output, url) / "1.png"
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(image.read_bytes())
+    image.unlink()
+    image.symlink_to(outside)
+
+    server = restart(make_server, server)
+    assert server.wait_status(url, {"COMPLETE", "FAILED"})["status"] == "COMPLETE"
+    assert not image.is_symlink()
+    assert "image 1 is missing on disk" in server.log()
+    check_finished_job(server, url, PARAMS, tmp_path)  # every image served, made by the seed rule
+
+
+def test_a_job_whose_input_became_a_link_fails_clearly_and_a_repost_restores_it(
+    make_server, logs: dict[str, Path], tmp_path: Path
+) -> None:
+    server = make_server(env=sim_env(logs, SD_SIM_LOAD_SECONDS="60"))
+    fields = {"prompt": "from an upload", "steps": "4", "strength": "0.5"}
+    files = {"image": png_bytes(256, 256)}
+    blocker = server.post_form("text-to-image", PARAMS).headers["Location"]
+    wait_until(lambda: script_pids(logs["argv"], blocker), "the first job's script")
+    url = server.post_form("image-to-image", fields, files).headers["Location"]
+    kill_server(server, logs)
+    upload = job_folder(server.output, url) / "inputs" / "image.png"
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png_bytes(256, 256, (9, 9, 9)))
+    upload.unlink()
+    upload.symlink_to(outside)
+
+    server = make_server(output=server.output, env=sim_env(logs))
+    doc = server.wait_status(url, {"COMPLETE", "FAILED"})
+    assert doc["status"] == "FAILED"
+    assert doc["error"].startswith("the job's input files are missing from its folder")
+    assert server.post_form("image-to-image", fields, files).json()["status"] == "QUEUED"
+    assert server.wait_status(url, {"COMPLETE", "FAILED"})["status"] == "COMPLETE"
+    assert not upload.is_symlink() and outside.read_bytes() == png_bytes(256, 256, (9, 9, 9))

@@ -128,3 +128,41 @@ def test_a_job_folder_moved_out_behind_a_link_is_not_served(
     shutil.move(folder, elsewhere)
     folder.symlink_to(elsewhere, target_is_directory=True)
     not_served(shared_server, f"{location}/1.png")
+
+
+def test_a_job_folder_that_is_a_link_is_never_read_nor_written_through(
+    make_server, tmp_path: Path
+) -> None:
+    server: Server = make_server()
+    location = finish_job(server, "behind a link")
+    server.stop()
+    folder = server.output / location.strip("/")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(folder, elsewhere)
+    folder.symlink_to(elsewhere, target_is_directory=True)
+    before = {p.name: p.read_bytes() for p in elsewhere.iterdir() if p.is_file()}
+
+    server = make_server(output=server.output)  # finished jobs are read on first request
+    not_served(server, location)
+    not_served(server, f"{location}/1.png")
+    (moved,) = (server.output / ".quarantine").iterdir()
+    assert moved.is_symlink() and not folder.exists()
+    # The same request makes the job anew in a real folder; the link's target is untouched.
+    again = finish_job(server, "behind a link")
+    assert again == location and not folder.is_symlink()
+    assert {p.name: p.read_bytes() for p in elsewhere.iterdir() if p.is_file()} == before
+
+
+def test_an_endpoint_folder_that_is_a_link_is_moved_away_at_start(
+    make_server, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    output = tmp_path / "output"
+    output.mkdir()
+    (output / "text-to-image").symlink_to(elsewhere, target_is_directory=True)
+    server: Server = make_server(output=output)
+    assert "an endpoint folder is a link" in server.log()
+    finish_job(server, "not through the link")
+    assert list(elsewhere.iterdir()) == []
+    assert (output / "text-to-image").is_dir() and not (output / "text-to-image").is_symlink()
