@@ -114,16 +114,17 @@ class Job:
     # --- what clients see -------------------------------------------------------------
 
     def public_status(self) -> Status:
-        # Like the original: a job whose script is still loading its model reads QUEUED.
-        if self.status is Status.IN_PROGRESS and self.progress is None and not self.images:
+        # Like the original: a job whose script is still loading its model reads QUEUED, until
+        # the run's first progress; a resumed job too, whatever images it already has.
+        if self.status is Status.IN_PROGRESS and self.progress is None:
             return Status.QUEUED
         return self.status
 
     def status_document(self) -> dict[str, Any]:
         status = self.public_status()
         doc: dict[str, Any] = {"status": status.value, "resultUrl": self.result_url}
-        if status is Status.IN_PROGRESS:
-            index, fraction = self.progress or (len(self.images) + 1, 0.0)
+        if status is Status.IN_PROGRESS and self.progress is not None:  # always, then
+            index, fraction = self.progress
             doc["progress"] = {
                 "currentImageIndex": index,
                 "currentImageProgress": round(fraction, 4),

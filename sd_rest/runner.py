@@ -275,7 +275,7 @@ class JobRunner:
         progress = self.parser.feed(data)
         if progress is None:
             return
-        self.job.set_progress(self.plan.image_index(progress.batches_done), progress.fraction)
+        self.job.set_progress(*self.plan.progress(progress.batches_done, progress.fraction))
         if previous is not None and progress.batches_done > previous.batches_done:
             # A batch's PNGs are saved before the outer bar moves on: look now, not only when
             # the watcher says so.

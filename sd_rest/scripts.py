@@ -40,9 +40,13 @@ class RunPlan:
         """Job-wide number (1-based) of this run's `position`-th image (1-based)."""
         return self.done + position
 
-    def image_index(self, batches_done: int) -> int:
-        """1-based index of the image being generated when `batches_done` batches are finished."""
-        return self.done + batches_done * self.n_samples + 1
+    def progress(self, batches_done: int, fraction: float) -> tuple[int, float]:
+        """(1-based index of the image being made, fraction of its steps) once `batches_done`
+        batches are finished and the current one is `fraction` done. After the last batch the
+        run has no next image: it stays on the last one, finished."""
+        if batches_done >= self.n_iter:
+            return self.done + self.remaining, 1.0
+        return self.done + batches_done * self.n_samples + 1, fraction
 
 
 def plan_run(params: Params, total: int, done: int) -> RunPlan:

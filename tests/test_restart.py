@@ -492,3 +492,21 @@ def test_a_job_whose_input_became_a_link_fails_clearly_and_a_repost_restores_it(
     assert server.post_form("image-to-image", fields, files).json()["status"] == "QUEUED"
     assert server.wait_status(url, {"COMPLETE", "FAILED"})["status"] == "COMPLETE"
     assert not upload.is_symlink() and outside.read_bytes() == png_bytes(256, 256, (9, 9, 9))
+
+
+def test_a_resumed_job_reads_queued_while_its_script_loads_like_a_new_one(
+    make_server, logs: dict[str, Path]
+) -> None:
+    server = make_server(env=sim_env(logs, SD_SIM_STEP_SECONDS="0.05"))
+    url = server.post_form("text-to-image", PARAMS).headers["Location"]
+    kill_between_images(server, url, logs)
+    kill_server(server, logs)
+
+    server = make_server(output=server.output, env=sim_env(logs, SD_SIM_LOAD_SECONDS="1.5"))
+    docs = list(server.poll(url, {"COMPLETE", "FAILED"}))
+    first_progress = next(i for i, d in enumerate(docs) if d["status"] == "IN_PROGRESS")
+    loading = docs[:first_progress]
+    assert len(loading) > 10  # seen throughout the 1.5 s load
+    assert {d["status"] for d in loading} == {"QUEUED"}
+    assert all(d["imageUrls"] == [f"{url}/1.png", f"{url}/2.png"] for d in loading)
+    assert docs[first_progress]["progress"]["currentImageIndex"] == 3

@@ -121,7 +121,7 @@ def test_resume_plan_runs_only_the_missing_images_with_shifted_seed() -> None:
     plan = plan_run(params, total=6, done=4)
     assert (plan.remaining, plan.seed, plan.n_iter, plan.n_samples) == (2, 104, 1, 2)
     assert plan.image_number(1) == 5
-    assert plan.image_index(0) == 5
+    assert plan.progress(0, 0.5) == (5, 0.5)
     # A batch cut in half: the rest needs whole batches again.
     odd = plan_run(params, total=6, done=3)
     assert (odd.remaining, odd.seed, odd.n_iter) == (3, 103, 2)
@@ -133,7 +133,18 @@ def test_fresh_plan_is_one_run_with_the_requested_seed() -> None:
     params = txt2img_params(iterations=4, batchSize=1, seed=42)
     plan = plan_run(params, total=4, done=0)
     assert (plan.seed, plan.n_iter, plan.n_samples) == (42, 4, 1)
-    assert [plan.image_index(b) for b in range(4)] == [1, 2, 3, 4]
+    assert [plan.progress(b, 0.25)[0] for b in range(4)] == [1, 2, 3, 4]
+
+
+def test_progress_ends_on_the_last_image_finished() -> None:
+    # The outer bar's last redraw (every batch done) starts no new image: the job is at its
+    # last image, complete, not at that image's beginning.
+    plan = plan_run(txt2img_params(iterations=2, batchSize=3), total=6, done=0)
+    assert plan.progress(1, 0.4) == (4, 0.4)
+    assert plan.progress(2, 0.0) == (6, 1.0)
+    cut = plan_run(txt2img_params(iterations=3, batchSize=2), total=6, done=3)  # 2 batches, 3 kept
+    assert cut.progress(1, 0.5) == (6, 0.5)
+    assert cut.progress(2, 0.0) == (6, 1.0)
 
 
 def test_environment_of_the_scripts() -> None:
