@@ -17,6 +17,7 @@ import click
 from . import __version__
 from .config import Settings
 from .demo import SIMULATOR, demo_certificate, demo_checkpoint
+from .disk import parse_size
 from .endpoints import ENDPOINTS
 
 log = logging.getLogger("sd_rest")
@@ -62,6 +63,11 @@ HELP_ROWS = [
     HelpRow("--python", "Python interpreter that runs the scripts", "<repository>/venv/bin/python"),
     HelpRow("--api-key", f"Require 'Authorization: Bearer <key>' (or set {API_KEY_ENV})", None),
     HelpRow("--max-queue", "Number of waiting tasks before new ones are refused (429)", "1000"),
+    HelpRow(
+        "--min-free-space",
+        "Free space kept on the output disk: jobs that would eat into it get 507",
+        "1G",
+    ),
     HelpRow("--demo", "Run against the bundled simulator: no GPU or model needed", "false"),
     HelpRow("-v, --version", "Displays current version", None),
     HelpRow("-h, --help", "Displays this message", None),
@@ -108,6 +114,7 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 @click.option("--python", "python", default=None)
 @click.option("--api-key", default=None, envvar=API_KEY_ENV, show_envvar=True)
 @click.option("--max-queue", default=1000, type=click.IntRange(1, 1_000_000))
+@click.option("--min-free-space", default="1G")
 @click.option("--demo", is_flag=True, default=False)
 @click.option("-v", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version)
 def main(
@@ -124,6 +131,7 @@ def main(
     python: str | None,
     api_key: str | None,
     max_queue: int,
+    min_free_space: str,
     demo: bool,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -131,6 +139,7 @@ def main(
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     _check_api_key(api_key)
     _check_limits()
+    min_free = _size("--min-free-space", min_free_space)
     output_path = Path(output).absolute()
     if demo:
         repo = SIMULATOR
@@ -154,6 +163,7 @@ def main(
         concurrency=concurrency,
         max_queue=max_queue,
         api_key=api_key or None,
+        min_free_space=min_free,
     )
     for model in ("text-to-image", "inpaint-image"):
         path = settings.model_for(model)
@@ -219,6 +229,13 @@ def _check_limits() -> None:
         limits_from_environment(os.environ)
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
+
+
+def _size(flag: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise StartupError(f"{flag}: {exc}") from exc
 
 
 def _repository(given: str | None) -> Path:

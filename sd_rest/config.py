@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .disk import DEFAULT_MIN_FREE
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -17,6 +19,7 @@ class Settings:
     max_queue: int = 1000  # waiting jobs; a POST beyond it gets 429
     api_key: str | None = None
     shutdown_grace: float = 3.0  # seconds between interrupting and killing scripts on stop
+    min_free_space: int = DEFAULT_MIN_FREE  # bytes kept free on the output disk; see disk.py
 
     def model_for(self, model: str) -> Path:
         return self.text_to_image_model if model == "text-to-image" else self.inpaint_image_model

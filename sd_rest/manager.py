@@ -4,17 +4,21 @@ queue and runners."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .config import Settings
-from .endpoints import ENDPOINTS, INPAINT_IMAGE
+from .disk import format_size, free_bytes, is_disk_full, job_bytes
+from .endpoints import ENDPOINTS, INPAINT_IMAGE, total_images
 from .errors import ApiError
 from .jobs import Job, Params, Status, job_id
+from .pngfile import png_size
 from .processes import end_orphan
 from .queue import JobQueue, Place
 from .runner import JobRunner
@@ -66,6 +70,7 @@ class JobManager:
         for job in unfinished:
             await self.queue.put(job)
         self.queue.start()
+        self.store.start_syncing()  # states the disk refused during recovery
         self._sweeper = asyncio.get_running_loop().run_in_executor(None, self._sweep)
 
     def _sweep(self) -> None:
@@ -92,6 +97,7 @@ class JobManager:
         await self.queue.close()
         if self._sweeper is not None:
             await self._sweeper
+        await self.store.close()
 
     # --- requests ---------------------------------------------------------------------
 
@@ -154,18 +160,21 @@ class JobManager:
         if existing is not None:
             if existing.status in (Status.FAILED, Status.CANCELED) and key not in self._running:
                 self._check_room(place)
-                await self.store.restore_inputs(existing, inputs)
-                # Queued anew; images it already has are kept and only the rest are made.
-                await self.store.save(
-                    existing,
-                    status=Status.QUEUED,
-                    seq=self._next_seq(),
-                    error=None,
-                    finished_at=None,
-                )
+                self._check_space(endpoint, params, inputs)
+                with _disk_full_is_507():
+                    await self.store.restore_inputs(existing, inputs)
+                    # Queued anew; images it already has are kept and only the rest are made.
+                    await self.store.save(
+                        existing,
+                        status=Status.QUEUED,
+                        seq=self._next_seq(),
+                        error=None,
+                        finished_at=None,
+                    )
                 await self.queue.put(existing, place)
             return existing
         self._check_room(place)
+        self._check_space(endpoint, params, inputs)
         now = time.time()
         job = Job(
             id=id_,
@@ -178,9 +187,28 @@ class JobManager:
             created_at=now,
             updated_at=now,
         )
-        await self.store.add(job, inputs)
+        with _disk_full_is_507():
+            await self.store.add(job, inputs)
         await self.queue.put(job, place)
         return job
+
+    def _check_space(self, endpoint: str, params: Params, inputs: dict[str, bytes]) -> None:
+        """507 before anything is written when the output disk cannot hold what this job may
+        need on top of the space kept free."""
+        if "image" in inputs:
+            width, height = png_size(inputs["image"])
+        else:
+            width, height = int(params["width"]), int(params["height"])
+        needed = self.settings.min_free_space + job_bytes(total_images(params), width, height)
+        free = free_bytes(self.settings.output)
+        if free < needed:
+            raise ApiError(
+                507,
+                "disk_full",
+                f"the output disk has {format_size(free)} free; this job needs "
+                f"{format_size(needed)} ({format_size(self.settings.min_free_space)} kept free "
+                "by --min-free-space, plus its images): free some space and try again",
+            )
 
     def _check_room(self, place: Place | None) -> None:
         """429 for a job that needs a place when none could be reserved (a POST of a job that
@@ -196,7 +224,7 @@ class JobManager:
         if job.status.finished:
             return job
         if self.queue.remove(job):
-            await self.store.save(job, status=Status.CANCELED, finished_at=time.time(), pid=None)
+            await self.store.settle(job, status=Status.CANCELED, finished_at=time.time(), pid=None)
             return job
         running = self._running.get((job.endpoint, job.id))
         if running is not None:
@@ -216,7 +244,7 @@ class JobManager:
         key = (job.endpoint, job.id)
         if len(job.images) >= job.total_images:
             # Every image was published but the server died before saying COMPLETE.
-            await self.store.save(
+            await self.store.settle(
                 job, status=Status.COMPLETE, pid=None, finished_at=time.time(), error=None
             )
             return
@@ -229,7 +257,7 @@ class JobManager:
             # The exception's text can name server paths: clients get the id it is logged as.
             incident = secrets.token_hex(8)
             log.exception("job %s/%s failed inside the server (%s)", job.endpoint, job.id, incident)
-            await self.store.save(
+            await self.store.settle(
                 job,
                 status=Status.FAILED,
                 pid=None,
@@ -243,6 +271,19 @@ class JobManager:
     @property
     def running(self) -> int:
         return len(self._running)
+
+
+@contextlib.contextmanager
+def _disk_full_is_507() -> Iterator[None]:
+    """A POST the disk cannot take: its own status and code, not a generic 500."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise ApiError(
+            507, "disk_full", "the output disk is full: free some space and try again"
+        ) from exc
 
 
 def _input_names(endpoint: str, inputs: dict[str, bytes]) -> dict[str, str]:

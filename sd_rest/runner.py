@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -18,6 +19,7 @@ from typing import BinaryIO
 import pexpect
 
 from .config import Settings
+from .disk import is_disk_full
 from .endpoints import IMAGE_TO_IMAGE, INPAINT_IMAGE
 from .exits import ScriptExit, failure_message
 from .files import is_link_error, write_atomic
@@ -73,6 +75,9 @@ class JobRunner:
         self._publish_lock = asyncio.Lock()
         self._taken = 0  # this run's output files already published
         self._start_error: str | None = None
+        # The first write to the output folder that failed (a full disk), and what it was.
+        self._fault: tuple[OSError, str] | None = None
+        self._logfile: BinaryIO | None = None
         self._tasks: set[asyncio.Future[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
 
@@ -120,6 +125,11 @@ class JobRunner:
             self._start_error = str(exc)
             await self._finish(None, None)
             return
+        except OSError as exc:
+            self._write_failed(exc, "preparing the run")
+            await self._finish(None, None)
+            return
+        self._logfile = logfile
         env = script_environment(os.environ, self.settings.repository, folders.root / "site")
         try:
             if self._canceled or self._stopping:
@@ -130,7 +140,9 @@ class JobRunner:
             self._start_error = str(exc)
             ended = None
         finally:
-            logfile.close()
+            self._logfile = None
+            with contextlib.suppress(OSError):
+                logfile.close()
         try:
             await self._finish(ended, folders)
         finally:
@@ -192,12 +204,40 @@ class JobRunner:
                 raise
             path.unlink()  # a link is never the log: never write through one
             fd = os.open(path, flags, 0o644)
-        logfile = os.fdopen(fd, "ab")
+        # Unbuffered: a full disk shows at the write that meets it, not at a later flush.
+        logfile = os.fdopen(fd, "ab", buffering=0)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         header = f"\n=== sd-rest run {self.job.attempts + 1} at {stamp}: {argv!r}\n"
-        logfile.write(header.encode())
-        logfile.flush()
+        try:
+            logfile.write(header.encode())
+        except OSError:
+            logfile.close()
+            raise
         return logfile
+
+    def _log(self, data: bytes) -> None:
+        """Append to job.log; a write the disk refuses stops the run (see _write_failed)."""
+        if self._logfile is None or self._fault is not None:
+            return
+        try:
+            self._logfile.write(data)
+        except OSError as exc:
+            self._write_failed(exc, "writing the job's log")
+
+    def _write_failed(self, exc: OSError, what: str) -> None:
+        """The output folder refuses writes (a full disk): nothing the script makes could be
+        kept, so it is stopped now and the job fails saying why (the first fault only)."""
+        if self._fault is not None:
+            return
+        self._fault = (exc, what)
+        log.warning(
+            "job %s/%s: %s failed (%s): stopping its script",
+            self.job.endpoint,
+            self.job.id,
+            what,
+            exc.strerror or exc,
+        )
+        self._end(signal.SIGTERM, CANCEL_KILL_AFTER)
 
     async def _spawn_and_stream(
         self, argv: list[str], env: dict[str, str], folders: RunFolders, logfile: BinaryIO
@@ -221,17 +261,20 @@ class JobRunner:
         except (pexpect.ExceptionPexpect, OSError) as exc:
             stop_watching.set()
             await watcher
-            logfile.write(f"could not start the script: {exc}\n".encode())
+            self._log(f"could not start the script: {exc}\n".encode())
             raise ScriptStartError(f"could not start {argv[0]}: {exc}") from exc
         self._pid = child.pid
-        await self.store.save(
-            self.job,
-            status=Status.IN_PROGRESS,
-            pid=child.pid,
-            attempts=self.job.attempts + 1,
-            started_at=time.time(),
-            error=None,
-        )
+        try:
+            await self.store.save(
+                self.job,
+                status=Status.IN_PROGRESS,
+                pid=child.pid,
+                attempts=self.job.attempts + 1,
+                started_at=time.time(),
+                error=None,
+            )
+        except OSError as exc:
+            self._write_failed(exc, "recording that the job started")
         self._end_as_asked()  # in case it was asked while we were saving
 
         def on_readable() -> None:
@@ -243,8 +286,8 @@ class JobRunner:
                 loop.remove_reader(child.child_fd)
                 eof.set()
                 return
-            logfile.write(data)
-            self._on_output(data, folders)
+            self._on_output(data, folders)  # progress first: the log may be refused
+            self._log(data)
 
         loop.add_reader(child.child_fd, on_readable)
         try:
@@ -252,7 +295,6 @@ class JobRunner:
         finally:
             loop.remove_reader(child.child_fd)
         self.parser.finish()
-        logfile.flush()
         ended = await loop.run_in_executor(None, self._wait, child)
         self._pid = None
         # Not awaited here: the watcher notices the stop only at its next poll, and the final
@@ -289,17 +331,21 @@ class JobRunner:
         """Publish, in order, every output file that is complete; stop at the first that is not."""
         async with self._publish_lock:
             loop = asyncio.get_running_loop()
-            while self._taken < self.plan.remaining:
+            while self._taken < self.plan.remaining and self._fault is None:
                 n = self.plan.image_number(self._taken + 1)
-                digest = await loop.run_in_executor(
-                    None, self._copy_if_complete, folders, self.store.image_path(self.job, n)
-                )
-                if digest is None:
+                try:
+                    digest = await loop.run_in_executor(
+                        None, self._copy_if_complete, folders, self.store.image_path(self.job, n)
+                    )
+                    if digest is None:
+                        return
+                    record = ImageRecord(
+                        n=n, seed=self.plan.seed, position=self._taken + 1, sha256=digest
+                    )
+                    await self.store.save(self.job, images=(*self.job.images, record))
+                except OSError as exc:
+                    self._write_failed(exc, f"publishing image {n}")
                     return
-                record = ImageRecord(
-                    n=n, seed=self.plan.seed, position=self._taken + 1, sha256=digest
-                )
-                await self.store.save(self.job, images=(*self.job.images, record))
                 self._taken += 1
 
     def _outputs(self, folders: RunFolders) -> list[Path]:
@@ -336,23 +382,25 @@ class JobRunner:
         if folders is not None:
             await self._publish_ready(folders)
         job = self.job
-        now = time.time()
         loop = asyncio.get_running_loop()
         if self._stopping and not self._complete and not self._canceled:
             # Left unfinished on purpose: the next start resumes it, and clears the work folder.
-            await self.store.save(job, pid=None)
+            with contextlib.suppress(OSError):  # then the sidecar's pid is checked at start
+                await self.store.save(job, pid=None)
             return
-        # The work folder goes before the outcome is visible: a job seen finished has nothing
-        # left running or lying around, and a re-POST may start a new run at once.
-        await loop.run_in_executor(None, self.store.remove_run_dir, job)
+        # The work folder (and any image the disk did not let us record) goes before the
+        # outcome is visible: a job seen finished has nothing left running or lying around,
+        # and a re-POST may start a new run at once. It also gives a full disk its space back.
+        await loop.run_in_executor(None, self.store.clear_leftovers, job)
+        now = time.time()
         if self._complete:
-            await self.store.save(
+            await self.store.settle(
                 job, status=Status.COMPLETE, pid=None, finished_at=now, error=None
             )
         elif self._canceled:
-            await self.store.save(job, status=Status.CANCELED, pid=None, finished_at=now)
+            await self.store.settle(job, status=Status.CANCELED, pid=None, finished_at=now)
         else:
-            await self.store.save(
+            await self.store.settle(
                 job, status=Status.FAILED, pid=None, finished_at=now, error=self._error(ended)
             )
 
@@ -361,14 +409,31 @@ class JobRunner:
         return len(self.job.images) >= self.job.total_images
 
     def _error(self, ended: ScriptExit | None) -> str:
+        done = len(self.job.images)
+        kept = f"; the {done} image(s) it finished are kept" if done else ""
+        if self._fault is not None:
+            exc, what = self._fault
+            if is_disk_full(exc):
+                return (
+                    f"the output disk is full ({what}): the script was stopped; free some "
+                    f"space and POST the job again{kept}"
+                )
+            return (
+                f"the output folder could not be written ({exc.strerror or exc} while {what}): "
+                f"the script was stopped; POST the job again once it can be{kept}"
+            )
         if self._start_error or ended is None:
             return self._start_error or "the script could not be started"
         if ended.code == 0:
+            return f"the script exited without writing image {done + 1} of {self.job.total_images}"
+        line = last_error(self.parser.recent_lines())
+        if line and os.strerror(errno.ENOSPC) in line:
+            # Its run folder is on the output disk: the script met the full disk first.
             return (
-                f"the script exited without writing image {len(self.job.images) + 1} "
-                f"of {self.job.total_images}"
+                f"the output disk is full (the script could not write: {line}): free some "
+                f"space and POST the job again{kept}"
             )
-        return failure_message(ended, last_error(self.parser.recent_lines()))
+        return failure_message(ended, line)
 
 
 class ScriptStartError(Exception):

@@ -17,6 +17,7 @@ the first time somebody asks for them. Invariant: an unfinished sidecar always h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import errno
 import json
@@ -54,6 +55,7 @@ RUN = "run"
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 IMAGE_RE = re.compile(r"^([1-9][0-9]*)\.png$")
 STALE_TEMP_SECONDS = 60.0
+SYNC_RETRY_SECONDS = 1.0
 # A sidecar that is there but cannot be read as a file: a damaged job, not a passing fault.
 _UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EINVAL})
 
@@ -64,6 +66,9 @@ class JobStore:
         self.queue_dir = output / ".queue"
         self.quarantine_dir = output / ".quarantine"
         self._jobs: dict[tuple[str, str], Job] = {}
+        # States the disk refused (full): visible in memory, retried until written.
+        self._unsynced: dict[tuple[str, str], Job] = {}
+        self._syncer: asyncio.Task[None] | None = None
         # Held while a run folder is made, a leftover one removed or a folder quarantined, so
         # that the background sweep never takes the folder of a run that has just started.
         self._folders = threading.Lock()
@@ -144,7 +149,8 @@ class JobStore:
     # --- changes: durable first, visible after ------------------------------------------
 
     async def add(self, job: Job, inputs: dict[str, bytes]) -> None:
-        """Persist a new job with its input files; only then is it visible."""
+        """Persist a new job with its input files; only then is it visible. Raises OSError
+        (with nothing of the job left on disk) when the disk refuses it."""
         loop = asyncio.get_running_loop()
         async with job.lock:
             await loop.run_in_executor(None, self._write_new, job, job.to_sidecar(), inputs)
@@ -152,12 +158,20 @@ class JobStore:
         job.invalidate()
 
     def _write_new(self, job: Job, sidecar: dict[str, Any], inputs: dict[str, bytes]) -> None:
-        self._write_marker(job.endpoint, job.id)
-        self._write_inputs(job, inputs)
-        self._write_sidecar(job.endpoint, job.id, sidecar)
+        try:
+            self._write_marker(job.endpoint, job.id)
+            self._write_inputs(job, inputs)
+            self._write_sidecar(job.endpoint, job.id, sidecar)
+        except OSError:
+            # Never answered, so never a job: no half-written folder may stay (a full disk).
+            shutil.rmtree(self.folder(job), ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self._remove_marker(job.endpoint, job.id)
+            raise
 
     async def save(self, job: Job, **changes: Any) -> None:
-        """Apply `changes` to the job: written to the sidecar first, then visible in memory."""
+        """Apply `changes` to the job: written to the sidecar first, then visible in memory.
+        Raises OSError, with the job unchanged, when the disk refuses the write."""
         loop = asyncio.get_running_loop()
         async with job.lock:
             draft = copy.copy(job)
@@ -173,6 +187,74 @@ class JobStore:
                 setattr(job, name, value)
             job.updated_at = draft.updated_at
             job.invalidate()
+            self._unsynced.pop((job.endpoint, job.id), None)  # the whole state is written
+
+    async def settle(self, job: Job, **changes: Any) -> None:
+        """An outcome the server has decided (a job finished, failed, was canceled): visible
+        at once even when the disk refuses it now, and written as soon as the disk takes it,
+        so memory and sidecar disagree no longer than the fault lasts."""
+        try:
+            await self.save(job, **changes)
+        except OSError as exc:
+            for name, value in changes.items():
+                setattr(job, name, value)
+            job.updated_at = time.time()
+            job.invalidate()
+            self._keep_unsynced(job, exc)
+
+    def _keep_unsynced(self, job: Job, exc: OSError) -> None:
+        log.warning(
+            "could not write the state of job %s/%s (%s): it is kept in memory and written "
+            "as soon as the disk allows",
+            job.endpoint,
+            job.id,
+            exc.strerror or exc,
+        )
+        self._unsynced[(job.endpoint, job.id)] = job
+        self.start_syncing()
+
+    @property
+    def unsynced(self) -> int:
+        """Jobs whose state in memory the disk has not taken yet."""
+        return len(self._unsynced)
+
+    def start_syncing(self) -> None:
+        """Retry unwritten states in the background (needs a running loop)."""
+        if self._unsynced and (self._syncer is None or self._syncer.done()):
+            self._syncer = asyncio.get_running_loop().create_task(self._sync_until_written())
+
+    async def _sync_until_written(self) -> None:
+        while await self.sync():
+            await asyncio.sleep(SYNC_RETRY_SECONDS)
+
+    async def sync(self) -> int:
+        """Write every state the disk refused so far; returns how many are still unwritten."""
+        loop = asyncio.get_running_loop()
+        for key, job in list(self._unsynced.items()):
+            async with job.lock:
+                if self._unsynced.get(key) is not job:
+                    continue  # a save has written it meanwhile
+                sidecar = job.to_sidecar()
+                write = self._write_finished if job.status.finished else self._write_unfinished
+                try:
+                    await loop.run_in_executor(None, write, job, sidecar)
+                except OSError:
+                    continue
+                del self._unsynced[key]
+                log.info("wrote the state of job %s/%s at last", job.endpoint, job.id)
+        return len(self._unsynced)
+
+    async def close(self) -> None:
+        """Stop retrying in the background; one last attempt to write what is unwritten."""
+        if self._syncer is not None:
+            self._syncer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._syncer
+        if await self.sync():
+            log.warning(
+                "%d job state(s) could not be written: the next start resumes those jobs",
+                len(self._unsynced),
+            )
 
     def _write_unfinished(self, job: Job, sidecar: dict[str, Any]) -> None:
         self._write_marker(job.endpoint, job.id)  # a re-queued job needs its marker back
@@ -294,9 +376,23 @@ class JobStore:
         job.status = Status.QUEUED
         job.pid = None
         job.updated_at = time.time()
-        self._write_unfinished(job, job.to_sidecar())
-        self.clear_leftovers(job)  # images beyond the kept ones
         job.invalidate()
+        try:
+            self._write_unfinished(job, job.to_sidecar())
+        except OSError as exc:
+            self._keep_unsynced_at_start(job, exc)
+            return
+        self.clear_leftovers(job)  # images beyond the kept ones
+
+    def _keep_unsynced_at_start(self, job: Job, exc: OSError) -> None:
+        # No loop runs yet: the manager starts the retries with the server.
+        log.warning(
+            "could not write the state of job %s/%s (%s): written as soon as the disk allows",
+            job.endpoint,
+            job.id,
+            exc.strerror or exc,
+        )
+        self._unsynced[(job.endpoint, job.id)] = job
 
     def _markers(self) -> Iterator[tuple[str, str]]:
         try:
