@@ -1,8 +1,8 @@
 """`python -m bench`: run the benchmarks and print a table (Markdown, so it can be pasted).
 
 Options: --quick (tiny sizes: the smoke test's), --only NAME[,NAME] (post, get, lag, overhead,
-restart), --load-generator auto|wrk|python, --json PATH (every figure, machine-readable),
---workdir DIR (kept afterwards; default: a temporary folder, removed).
+restart, connections), --load-generator auto|wrk|python, --json PATH (every figure,
+machine-readable), --workdir DIR (kept afterwards; default: a temporary folder, removed).
 Exit status 1 if a measure could not be taken; a missed target is reported, not an error.
 """
 
@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from . import get_throughput, lag, overhead, post_latency, restart
+from . import connections, get_throughput, lag, overhead, post_latency, restart
 from .common import FULL, QUICK, Result, Sizes, machine_description, make_certificate
 
 Measure = Callable[[Path, tuple[Path, Path], Sizes, argparse.Namespace], list[Result]]
@@ -29,6 +29,7 @@ MEASURES: dict[str, Measure] = {
     "lag": lambda w, c, s, _o: lag.measure(w, c, s),
     "overhead": lambda w, c, s, _o: overhead.measure(w, c, s),
     "restart": lambda w, c, s, _o: restart.measure(w, c, s),
+    "connections": lambda w, c, s, _o: connections.measure(w, c, s),
 }
 
 

@@ -43,6 +43,8 @@ class Sizes:
     queued_jobs: int = 100
     restarts: int = 3
     bare_baseline: bool = True  # also measure a bare aiohttp handler, for scale
+    connection_count: int = 300  # TLS connections held at once, per round
+    connection_rounds: int = 5
 
 
 FULL = Sizes()
@@ -60,6 +62,8 @@ QUICK = Sizes(
     queued_jobs=4,
     restarts=1,
     bare_baseline=False,
+    connection_count=10,
+    connection_rounds=1,
 )
 
 

@@ -19,6 +19,7 @@ from .config import Settings
 from .demo import SIMULATOR, demo_certificate, demo_checkpoint
 from .disk import parse_size
 from .endpoints import ENDPOINTS
+from .listener import DEFAULT_MAX_CONNECTIONS
 
 log = logging.getLogger("sd_rest")
 
@@ -63,6 +64,11 @@ HELP_ROWS = [
     HelpRow("--python", "Python interpreter that runs the scripts", "<repository>/venv/bin/python"),
     HelpRow("--api-key", f"Require 'Authorization: Bearer <key>' (or set {API_KEY_ENV})", None),
     HelpRow("--max-queue", "Number of waiting tasks before new ones are refused (429)", "1000"),
+    HelpRow(
+        "--max-connections",
+        "Number of open connections; more are closed at once",
+        str(DEFAULT_MAX_CONNECTIONS),
+    ),
     HelpRow(
         "--min-free-space",
         "Free space kept on the output disk: jobs that would eat into it get 507",
@@ -114,6 +120,7 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 @click.option("--python", "python", default=None)
 @click.option("--api-key", default=None, envvar=API_KEY_ENV, show_envvar=True)
 @click.option("--max-queue", default=1000, type=click.IntRange(1, 1_000_000))
+@click.option("--max-connections", default=DEFAULT_MAX_CONNECTIONS, type=click.IntRange(1, 100_000))
 @click.option("--min-free-space", default="1G")
 @click.option("--demo", is_flag=True, default=False)
 @click.option("-v", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version)
@@ -131,6 +138,7 @@ def main(
     python: str | None,
     api_key: str | None,
     max_queue: int,
+    max_connections: int,
     min_free_space: str,
     demo: bool,
 ) -> None:
@@ -164,6 +172,7 @@ def main(
         max_queue=max_queue,
         api_key=api_key or None,
         min_free_space=min_free,
+        max_connections=max_connections,
     )
     for model in ("text-to-image", "inpaint-image"):
         path = settings.model_for(model)

@@ -8,9 +8,8 @@ import signal
 import ssl
 from collections.abc import Callable
 
-from aiohttp import web
-
 from .app import create_app, make_runner
+from .listener import Listener
 from .manager import JobManager
 
 log = logging.getLogger(__name__)
@@ -38,17 +37,24 @@ async def serve(
     await runner.setup()
     # Recovered jobs are queued before the first request can add one: submission order holds.
     await manager.start(unfinished)
-    site = web.TCPSite(
-        runner, host, port, ssl_context=context, backlog=1024, shutdown_timeout=REQUEST_GRACE
+    server = runner.server
+    assert server is not None  # set up above
+    listener = Listener(
+        server,
+        lambda: len(server.connections),
+        context,
+        host,
+        port,
+        manager.settings.max_connections,
     )
     try:
-        await site.start()
+        await listener.start()
         if on_ready is not None:
             on_ready(f"https://{host}:{port}")
         await stop.wait()
         log.info("stopping: no new jobs; ending running scripts")
         manager.stop_taking()
-        await site.stop()
+        await listener.stop()
     finally:
         # Also when listening failed: scripts already started for recovered jobs must end.
         await manager.shutdown()

@@ -51,7 +51,8 @@ def test_quick_run_takes_every_measure(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["quick"] is True
     names = " ".join(result["measure"] for result in doc["results"])
-    for words in ("POST", "GETs per second", "progress lag", "image lag", "overhead", "restart"):
+    words_of_each = ("POST", "GETs per second", "progress lag", "image lag", "overhead", "restart")
+    for words in (*words_of_each, "connections"):
         assert words in names
     assert "memory" in names
     for result in doc["results"]:
