@@ -49,35 +49,65 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
+class _Counted(asyncio.Protocol):
+    """aiohttp's protocol for one connection, passed every event, so that the listener knows
+    exactly when the connection is gone (`release` runs once, however it ends)."""
+
+    def __init__(self, inner: asyncio.Protocol, release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._inner.connection_lost(exc)
+        finally:
+            self.release()
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
 class Listener:
     """Listens on `host`:`port`, hands TLS connections to `factory` (aiohttp's server), and
     keeps at most `max_connections` open (in their handshake or serving)."""
 
     def __init__(
         self,
-        factory: Callable[[], asyncio.BaseProtocol],
-        serving: Callable[[], int],
+        factory: Callable[[], asyncio.Protocol],
         context: ssl.SSLContext,
         host: str,
         port: int,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self._factory = factory
-        self._serving = serving  # connections past their handshake (aiohttp counts them)
         self._context = context
         self.host, self.port = host, port
         self.max_connections = max_connections
         self.refused = 0
         self.accepted = 0
+        self.open = 0  # from accept until the connection is gone
         self._handshaking: set[asyncio.Task[None]] = set()
         self._sockets: list[socket.socket] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._reclaimed_at = 0
         self._trim = _malloc_trim()
-
-    @property
-    def open(self) -> int:
-        return len(self._handshaking) + self._serving()
 
     async def start(self) -> None:
         """Bind every address `host` names (as asyncio's create_server does); OSError when
@@ -131,22 +161,29 @@ class Listener:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 conn.close()
                 continue
+            self.open += 1
             task = loop.create_task(self._handshake(conn))
             self._handshaking.add(task)
             task.add_done_callback(self._handshaking.discard)
 
+    def _closed(self) -> None:
+        self.open -= 1
+
     async def _handshake(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        counted = _Counted(self._factory(), self._closed)
         try:
             await loop.connect_accepted_socket(
-                self._factory, conn, ssl=self._context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+                lambda: counted, conn, ssl=self._context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
             )
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
             # Scanners, plain HTTP on the TLS port, clients that give up: routine.
             log.debug("TLS handshake failed: %s", exc)
             conn.close()
+            counted.release()
         except asyncio.CancelledError:
             conn.close()
+            counted.release()
             raise
 
     async def _reclaim_memory(self) -> None:

@@ -41,7 +41,6 @@ async def serve(
     assert server is not None  # set up above
     listener = Listener(
         server,
-        lambda: len(server.connections),
         context,
         host,
         port,
