@@ -15,6 +15,7 @@ from typing import IO, Any
 import click
 
 from . import __version__
+from . import check as checks
 from .config import Settings
 from .demo import SIMULATOR, demo_certificate, demo_checkpoint
 from .disk import parse_size
@@ -26,9 +27,6 @@ log = logging.getLogger("sd_rest")
 DEFAULT_REPOSITORY = "./stable-diffusion"
 VENDORED_REPOSITORY = "./vendor/stable-diffusion"
 API_KEY_ENV = "SD_REST_API_KEY"
-MKCERT_HINT = (
-    "make one with:\n  mkcert -install\n  mkcert -cert-file cert.pem -key-file key.pem 0.0.0.0"
-)
 
 
 @dataclass(frozen=True)
@@ -75,6 +73,7 @@ HELP_ROWS = [
         "1G",
     ),
     HelpRow("--demo", "Run against the bundled simulator: no GPU or model needed", "false"),
+    HelpRow("--check", "Check that everything the server needs is in place, then exit", "false"),
     HelpRow("-v, --version", "Displays current version", None),
     HelpRow("-h, --help", "Displays this message", None),
 ]
@@ -123,6 +122,7 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 @click.option("--max-connections", default=DEFAULT_MAX_CONNECTIONS, type=click.IntRange(1, 100_000))
 @click.option("--min-free-space", default="1G")
 @click.option("--demo", is_flag=True, default=False)
+@click.option("--check", "check_only", is_flag=True, default=False)
 @click.option("-v", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version)
 def main(
     text_to_image_model: str,
@@ -141,6 +141,7 @@ def main(
     max_connections: int,
     min_free_space: str,
     demo: bool,
+    check_only: bool,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # watchfiles logs every batch of changes it sees at INFO: one line per image is noise.
@@ -149,6 +150,8 @@ def main(
     _check_limits()
     min_free = _size("--min-free-space", min_free_space)
     output_path = Path(output).absolute()
+    if check_only and demo:
+        raise StartupError("--check checks a real set-up: demo mode needs none, leave out --demo")
     if demo:
         repo = SIMULATOR
         python_path = Path(python) if python else Path(sys.executable)
@@ -159,6 +162,21 @@ def main(
     else:
         repo = _repository(repository)
         python_path = Path(python) if python else repo / "venv" / "bin" / "python"
+    if check_only:
+        target = checks.Target(
+            repository=repo,
+            python=python_path,
+            python_explicit=python is not None,
+            text_to_image_model=Path(text_to_image_model),
+            inpaint_image_model=Path(inpaint_image_model),
+            cert=cert,
+            key=key,
+            output=output_path,
+            host=host,
+            port=port,
+            min_free_space=min_free,
+        )
+        click.get_current_context().exit(checks.report(checks.run_all(target), click.echo))
     _check_repository(repo)
     _check_python(python_path, explicit=python is not None)
     context = _load_certificate(cert, key)
@@ -176,14 +194,12 @@ def main(
     )
     for model in ("text-to-image", "inpaint-image"):
         path = settings.model_for(model)
-        if not path.is_file():
+        found = checks.checkpoint(path, model, verify_sha256=False)
+        # The simulator's placeholder checkpoints are not real ones: only say when one is gone.
+        if found.failed and (not demo or not path.exists()):
             users = ", ".join(f"/{e.name}" for e in ENDPOINTS.values() if e.model == model)
-            log.warning(
-                "%s model checkpoint not found at %s: %s will answer 503 until it exists",
-                model,
-                path,
-                users,
-            )
+            until = "answer 503 until it exists" if not path.exists() else "fail until it is fixed"
+            log.warning("%s: %s will %s (fix: %s)", found.detail, users, until, found.fix)
     _check_output(output_path)
     if host in ("0.0.0.0", "::", "") and not settings.api_key:
         log.warning(
@@ -255,40 +271,28 @@ def _repository(given: str | None) -> Path:
     return Path(DEFAULT_REPOSITORY)
 
 
+def _require(*results: checks.Result) -> None:
+    """Start-up's share of --check: stop at the first failure, with the same words."""
+    for result in results:
+        if result.failed:
+            raise StartupError(result.message())
+        if result.status == checks.WARN:
+            log.warning("%s", result.message())
+
+
 def _check_repository(repo: Path) -> None:
-    if not repo.is_dir():
-        raise StartupError(
-            f"Stable Diffusion repository not found at {repo} "
-            "(run scripts/setup.sh, or pass --repository; --demo needs none)"
-        )
-    for endpoint in ENDPOINTS.values():
-        if not (repo / endpoint.script).is_file():
-            raise StartupError(
-                f"{repo} is not a Stable Diffusion repository: {endpoint.script} is missing"
-            )
+    _require(checks.repository(repo))
+    _require(checks.scripts(repo))
 
 
 def _check_python(python: Path, explicit: bool) -> None:
-    if python.is_file() and os.access(python, os.X_OK):
-        return
-    hint = (
-        "check --python"
-        if explicit
-        else "create the fork's venv (scripts/setup.sh) or pass --python"
-    )
-    raise StartupError(
-        f"the scripts' Python interpreter {python} is missing or not executable: {hint}"
-    )
+    _require(checks.interpreter(python, explicit))
 
 
 def _load_certificate(cert: str, key: str) -> ssl.SSLContext:
     from .app import ssl_context
 
-    for label, path in (("certificate", cert), ("certificate key", key)):
-        if not Path(path).is_file():
-            raise StartupError(f"SSL {label} {path} not found; {MKCERT_HINT}")
-        if not os.access(path, os.R_OK):
-            raise StartupError(f"SSL {label} {path} is not readable")
+    _require(checks.certificate(cert, key))
     try:
         return ssl_context(cert, key)
     except (ssl.SSLError, OSError) as exc:
@@ -296,12 +300,7 @@ def _load_certificate(cert: str, key: str) -> ssl.SSLContext:
 
 
 def _check_output(output: Path) -> None:
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StartupError(f"cannot create the output folder {output}: {exc.strerror}") from exc
-    if not os.access(output, os.W_OK):
-        raise StartupError(f"the output folder {output} is not writable")
+    _require(checks.output_folder(output, create=True))
 
 
 def _demo_model(ctx: click.Context, given: str, model: str) -> str:

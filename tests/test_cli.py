@@ -58,6 +58,10 @@ def test_help_keeps_the_original_wording(flag: str) -> None:
         assert row.split(None, 1)[1] == f"{text}  (default {default})"
     for extra in ("--host", "--python", "--demo", "--api-key", "-v, --version", "-h, --help"):
         assert any(line.strip().startswith(extra) for line in lines), extra
+    row = next(line for line in lines if line.strip().startswith("--check "))
+    assert row.split(None, 1)[1] == (
+        "Check that everything the server needs is in place, then exit  (default false)"
+    )
 
 
 @pytest.mark.parametrize("flag", ["-v", "--version"])
