@@ -1,21 +1,20 @@
-"""The aiohttp application: routes, JSON errors, the optional API key and the request limits.
+"""The aiohttp application: routes, JSON errors, CORS, the optional API key and the limits.
 
 Every answer a client can get is JSON in the shape of errors.ApiError, including aiohttp's own:
 404/405 from the router (json_errors), 417 for Expect (routes.expect_continue), and the 400 the
-HTTP parser sends for malformed requests or oversized headers, which needs the server's own
-protocol class (ApiRunner).
+HTTP parser sends for malformed requests or oversized headers, which needs a protocol class of
+our own (ApiProtocol, built for each connection by `protocol_factory`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
-import math
-import os
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
@@ -23,24 +22,14 @@ from aiohttp import web
 from .bodies import MAX_BODY_BYTES, first_line
 from .errors import ApiError
 from .manager import JobManager
-from .routes import (
-    CORS_HEADERS,
-    LIMITS,
-    MANAGER,
-    OUTPUT_ROOT,
-    Limits,
-    add_routes,
-    error_response,
-)
+from .routes import CORS_HEADERS, MANAGER, OUTPUT_ROOT, add_routes, error_response
+from .settings import Limits
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
-HEADER_TIMEOUT_ENV: Final = "SD_REST_HEADER_TIMEOUT"
-BODY_TIMEOUT_ENV: Final = "SD_REST_BODY_TIMEOUT"
-MAX_TIMEOUT: Final = 3600.0
 MAX_LINE_BYTES: Final = 8190  # the request line, and each header line
 MAX_HEADERS: Final = 100
 _SHOWN_PATH: Final = 200
@@ -61,28 +50,6 @@ HTTP_CODES: Final = {
 }
 
 
-def limits_from_environment(environ: Mapping[str, str]) -> Limits:
-    """The time limits, each overridable by an environment variable (seconds)."""
-    default = Limits()
-    return Limits(
-        header_timeout=_seconds(environ, HEADER_TIMEOUT_ENV, default.header_timeout),
-        body_timeout=_seconds(environ, BODY_TIMEOUT_ENV, default.body_timeout),
-    )
-
-
-def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
-    text = environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {text!r}") from None
-    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
-        raise ValueError(f"{name} must be between 0 and {MAX_TIMEOUT:g} seconds, got {text!r}")
-    return value
-
-
 def internal_error(request: web.BaseRequest, exc: BaseException | None) -> web.Response:
     """A JSON 500 carrying the id under which the exception was logged."""
     request_id = secrets.token_hex(8)
@@ -100,7 +67,7 @@ def internal_error(request: web.BaseRequest, exc: BaseException | None) -> web.R
             "requestId": request_id,
         }
     }
-    return web.json_response(body, status=500, headers=CORS_HEADERS)
+    return web.json_response(body, status=500)
 
 
 def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
@@ -137,8 +104,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         response = error_response(ApiError(400, "disconnected", "the connection was closed"))
     except Exception as exc:
         return internal_error(request, exc)
-    response.headers.update(CORS_HEADERS)
     return response
+
+
+async def add_cors(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Every response of the app, streamed ones included, as it is prepared."""
+    response.headers.update(CORS_HEADERS)
 
 
 def api_key_middleware(key: str) -> Middleware:
@@ -163,10 +134,23 @@ def api_key_middleware(key: str) -> Middleware:
     return require_api_key
 
 
-def create_app(manager: JobManager, limits: Limits | None = None) -> web.Application:
-    """The application; `limits` default to the environment's (see limits_from_environment)."""
-    if limits is None:
-        limits = limits_from_environment(os.environ)
+def connection_args(limits: Limits) -> dict[str, Any]:
+    """How each connection's protocol parses and times requests."""
+    return {
+        # aiohttp has no header-read timeout; its keep-alive timer is armed from the moment a
+        # connection is made (and again after each response) and closes a connection that
+        # has not delivered complete headers when it fires, so it serves as one.
+        "keepalive_timeout": limits.header_timeout,
+        "max_line_size": MAX_LINE_BYTES,
+        "max_field_size": MAX_LINE_BYTES,
+        "max_headers": MAX_HEADERS,
+        # Compressed bodies are refused (415): never spend time inflating one.
+        "auto_decompress": False,
+        "access_log": None,
+    }
+
+
+def create_app(manager: JobManager) -> web.Application:
     middlewares: list[Middleware] = [json_errors]
     if manager.settings.api_key:
         # Only then: the status GET's hot path carries no key check when there is no key.
@@ -174,21 +158,11 @@ def create_app(manager: JobManager, limits: Limits | None = None) -> web.Applica
     app = web.Application(
         middlewares=middlewares,
         client_max_size=MAX_BODY_BYTES,
-        handler_args={
-            # aiohttp has no header-read timeout; its keep-alive timer is armed from the moment
-            # a connection is made (and again after each response) and closes a connection that
-            # has not delivered complete headers when it fires, so it serves as one.
-            "keepalive_timeout": limits.header_timeout,
-            "max_line_size": MAX_LINE_BYTES,
-            "max_field_size": MAX_LINE_BYTES,
-            "max_headers": MAX_HEADERS,
-            # Compressed bodies are refused (415): never spend time inflating one.
-            "auto_decompress": False,
-        },
+        handler_args=connection_args(manager.settings.limits),
     )
     app[MANAGER] = manager
-    app[LIMITS] = limits
     app[OUTPUT_ROOT] = manager.store.output.resolve()
+    app.on_response_prepare.append(add_cors)
     add_routes(app)
     return app
 
@@ -217,7 +191,7 @@ class ApiProtocol(web.RequestHandler):
                 ApiError(
                     status, HTTP_CODES.get(status, "bad_request"), _parser_message(status, message)
                 ),
-                CORS_HEADERS,
+                CORS_HEADERS,  # outside the app: its on_response_prepare does not run here
             )
         response.force_close()
         return response
@@ -230,24 +204,19 @@ def _parser_message(status: int, message: str | None) -> str:
     return f"malformed HTTP request: {first}" if first else "malformed HTTP request"
 
 
-class _ApiServer(web.Server):
-    def __call__(self) -> web.RequestHandler:
-        # As web.Server.__call__, with our protocol class.
-        return ApiProtocol(self, loop=self._loop, **self._kwargs)
-
-
-class ApiRunner(web.AppRunner):
-    """web.AppRunner whose connections use ApiProtocol."""
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _ApiServer  # the same server, with our protocol per connection
-        return server
-
-
 def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
     """The runner to serve `app` with (server.py): no access log, signals left to the caller."""
-    return ApiRunner(app, access_log=None, handle_signals=False, **kwargs)
+    return web.AppRunner(app, access_log=None, handle_signals=False, **kwargs)
+
+
+def protocol_factory(runner: web.AppRunner, limits: Limits) -> Callable[[], ApiProtocol]:
+    """Our protocol for each connection of the runner's server (after runner.setup())."""
+    server = runner.server
+    if server is None:
+        raise RuntimeError("the runner is not set up")
+    loop = asyncio.get_running_loop()
+    args = connection_args(limits)
+    return lambda: ApiProtocol(server, loop=loop, **args)
 
 
 def ssl_context(cert: str, key: str) -> ssl.SSLContext:

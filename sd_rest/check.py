@@ -32,8 +32,8 @@ from .checkpoints import (
     sha256_of,
 )
 from .disk import DEFAULT_MIN_FREE, free_bytes
-from .endpoints import ENDPOINTS, INPAINT_IMAGE, TEXT_TO_IMAGE
-from .scripts import INPAINT_CONFIG, script_environment
+from .endpoints import ENDPOINTS, INPAINT_CONFIG, INPAINT_IMAGE, TEXT_TO_IMAGE
+from .scripts import script_environment
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 GiB = 1024**3

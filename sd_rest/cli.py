@@ -16,11 +16,11 @@ import click
 
 from . import __version__
 from . import check as checks
-from .config import Settings
 from .demo import SIMULATOR, demo_certificate, demo_checkpoint
 from .disk import parse_size
 from .endpoints import ENDPOINTS
 from .listener import DEFAULT_MAX_CONNECTIONS
+from .settings import Limits, Model, Settings, limits_from_environment
 
 log = logging.getLogger("sd_rest")
 
@@ -147,7 +147,7 @@ def main(
     # watchfiles logs every batch of changes it sees at INFO: one line per image is noise.
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     _check_api_key(api_key)
-    _check_limits()
+    limits = _limits()
     min_free = _size("--min-free-space", min_free_space)
     output_path = Path(output).absolute()
     if check_only and demo:
@@ -191,10 +191,11 @@ def main(
         api_key=api_key or None,
         min_free_space=min_free,
         max_connections=max_connections,
+        limits=limits,
     )
-    for model in ("text-to-image", "inpaint-image"):
-        path = settings.model_for(model)
-        found = checks.checkpoint(path, model, verify_sha256=False)
+    for model in Model:
+        path = settings.checkpoint(model)
+        found = checks.checkpoint(path, model.value, verify_sha256=False)
         # The simulator's placeholder checkpoints are not real ones: only say when one is gone.
         if found.failed and (not demo or not path.exists()):
             users = ", ".join(f"/{e.name}" for e in ENDPOINTS.values() if e.model == model)
@@ -219,7 +220,7 @@ def run_server(
 
     manager = JobManager(settings)
     if delete_incomplete:
-        removed = manager.store.delete_incomplete()
+        removed = manager.recovery.delete_incomplete()
         click.echo(f"deleted {removed} incomplete job(s) from {settings.output}")
 
     def ready(url: str) -> None:
@@ -247,11 +248,9 @@ def _check_api_key(api_key: str | None) -> None:
         )
 
 
-def _check_limits() -> None:
-    from .app import limits_from_environment
-
+def _limits() -> Limits:
     try:
-        limits_from_environment(os.environ)
+        return limits_from_environment(os.environ)
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
 

@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .endpoints import total_images
+from .endpoints import ENDPOINTS
+from .fields import Params
 
 SIDECAR_VERSION = 1
-
-Params = dict[str, int | float | str]
 
 
 class Status(str, Enum):
@@ -78,12 +77,13 @@ class Job:
 
     # Runtime only, never persisted.
     progress: tuple[int, float] | None = field(default=None, repr=False)
+    version: int = field(default=0, repr=False)  # bumped by every change a client can see
     _status_body: bytes | None = field(default=None, repr=False)
     _lock: asyncio.Lock | None = field(default=None, repr=False)
 
     @property
     def total_images(self) -> int:
-        return total_images(self.params)
+        return ENDPOINTS[self.endpoint].total_images(self.params)
 
     @property
     def result_url(self) -> str:
@@ -181,7 +181,8 @@ class Job:
         if not isinstance(params, dict):
             raise TypeError("params is not an object")
         # What serving and resuming compute from params must not fail later, on a request.
-        if total_images(params) < 1 or len(images) > total_images(params):
+        total = ENDPOINTS[data["endpoint"]].total_images(params)
+        if total < 1 or len(images) > total:
             raise ValueError("images do not fit iterations × batchSize")
         int(params["seed"])
         pid = data["pid"]

@@ -1,5 +1,6 @@
-"""Submitting, finding, canceling and running jobs: the layer between routes and the store,
-queue and runners."""
+"""Submitting, finding, canceling and running jobs: the layer between the routes and the
+store, queue and runners. It owns the decisions (which transition, when); the store makes
+them durable and visible, runners run."""
 
 from __future__ import annotations
 
@@ -11,32 +12,60 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-from .config import Settings
+from . import lifecycle, pty_process
 from .disk import format_size, free_bytes, is_disk_full, job_bytes
-from .endpoints import ENDPOINTS, INPAINT_IMAGE, total_images
+from .endpoints import ENDPOINTS
 from .errors import ApiError
-from .jobs import Job, Params, Status, job_id
-from .pngfile import png_size
-from .processes import end_orphan
+from .events import JobEvents
+from .fields import Params
+from .jobs import ImageRecord, Job, Status, job_id
+from .layout import Key, Layout
 from .queue import JobQueue, Place
-from .runner import JobRunner
-from .scripts import INPAINT_INPUT_NAME
+from .recovery import Recovery
+from .runners import Outcome, OutcomeKind, Runner, RunnerFactory, runner_factory
+from .settings import Settings
 from .store import JobStore
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str]
-CANCEL_WAIT = 2.0  # seconds a DELETE waits for a running script to end
+CANCEL_WAIT = 2.0  # seconds a DELETE waits for a running job to end
+
+
+class _JobSink:
+    """What a runner reports, turned into the job's transitions (see runners.RunSink)."""
+
+    def __init__(self, store: JobStore, job: Job) -> None:
+        self.store = store
+        self.job = job
+
+    async def started(self, pid: int | None) -> None:
+        await self.store.commit(self.job, lifecycle.start(self.job, pid, time.time()))
+
+    def progress(self, index: int, fraction: float) -> None:
+        if self.job.set_progress(index, fraction):
+            self.store.events.emit(self.job, "progress", self.job.progress)
+
+    async def published(self, record: ImageRecord) -> None:
+        await self.store.commit(self.job, lifecycle.publish(self.job, record))
 
 
 class JobManager:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore | None = None,
+        runners: RunnerFactory | None = None,
+    ) -> None:
         self.settings = settings
-        self.store = JobStore(settings.output)
+        if store is None:
+            store = JobStore(Layout(settings.output), JobEvents(), settings.finished_cache)
+        self.store = store
+        self.events = store.events
+        self.recovery = Recovery(self.store)
+        self.runners = runners or runner_factory(settings, self.store)
         self.queue = JobQueue(settings.concurrency, settings.max_queue, self._run)
-        self._running: dict[Key, tuple[JobRunner, asyncio.Future[None]]] = {}
+        self._running: dict[Key, tuple[Runner, asyncio.Future[None]]] = {}
         self._submitting: dict[Key, asyncio.Lock] = {}
         self._last_seq = 0
         self.closing = False
@@ -46,22 +75,10 @@ class JobManager:
     # --- start and stop ---------------------------------------------------------------
 
     def recover(self) -> list[Job]:
-        """Before serving: load unfinished jobs, end any script a dead server left running for
-        them, then clear what their interrupted runs left and mark them QUEUED again."""
-        unfinished = self.store.recover()
+        """Before serving: the unfinished jobs on disk, ready to run again in order."""
+        unfinished = self.recovery.recover()
         for job in unfinished:
-            if job.pid is not None and end_orphan(job.pid, self.store.script_markers(job)):
-                log.warning(
-                    "ended script %d left running by a previous server (%s/%s)",
-                    job.pid,
-                    job.endpoint,
-                    job.id,
-                )
-        for job in unfinished:
-            self.store.resume(job)
             self._last_seq = max(self._last_seq, job.seq)
-        if unfinished:
-            log.info("resuming %d unfinished job(s)", len(unfinished))
         return unfinished
 
     async def start(self, unfinished: list[Job]) -> None:
@@ -75,7 +92,7 @@ class JobManager:
 
     def _sweep(self) -> None:
         try:
-            quarantined = self.store.sweep(self._stop_sweep)
+            quarantined = self.recovery.sweep(self._stop_sweep)
         except Exception:  # a check in the background must not take the server down
             log.exception("the background check of finished jobs failed")
             return
@@ -88,8 +105,8 @@ class JobManager:
         self.queue.stop_taking()
 
     async def shutdown(self) -> None:
-        """Stop taking jobs, interrupt running scripts (killed after the grace period) and
-        leave their jobs resumable: QUEUED and IN_PROGRESS jobs stay on disk as they are."""
+        """Stop taking jobs, interrupt running ones (killed after the grace period) and leave
+        them resumable: they are queued again on disk, for the next start."""
         self.stop_taking()
         self._stop_sweep.set()
         for runner, _ in list(self._running.values()):
@@ -98,6 +115,7 @@ class JobManager:
         if self._sweeper is not None:
             await self._sweeper
         await self.store.close()
+        await pty_process.closed()
 
     # --- requests ---------------------------------------------------------------------
 
@@ -106,17 +124,18 @@ class JobManager:
         self._last_seq = max(self._last_seq + 1, time.time_ns())
         return self._last_seq
 
-    def check_ready(self, endpoint: str) -> Path:
-        """503 when this endpoint's jobs cannot run: say so now, not after a model load."""
+    def check_ready(self, endpoint: str) -> str:
+        """503 when this endpoint's jobs cannot run: say so now, not after a model load.
+        Returns the checkpoint's path."""
         if self.closing:
             raise ApiError(503, "shutting_down", "the server is shutting down")
-        checkpoint = self.settings.model_for(ENDPOINTS[endpoint].model)
+        model = ENDPOINTS[endpoint].model
+        checkpoint = self.settings.checkpoint(model)
         if not checkpoint.is_file():
             raise ApiError(
                 503,
                 "model_missing",
-                f"the {ENDPOINTS[endpoint].model} model checkpoint is missing: {checkpoint} "
-                f"(see --{ENDPOINTS[endpoint].model}-model)",
+                f"the {model.value} model checkpoint is missing: {checkpoint} (see {model.flag})",
             )
         if not self.settings.python.exists():
             raise ApiError(
@@ -124,14 +143,14 @@ class JobManager:
                 "python_missing",
                 f"the scripts' interpreter is missing: {self.settings.python}",
             )
-        return checkpoint
+        return str(checkpoint.resolve())
 
     async def submit(
         self, endpoint: str, params: Params, uploads: dict[str, bytes], inputs: dict[str, bytes]
     ) -> Job:
-        """`uploads`: the bytes the client sent (they make the id); `inputs`: the normalised
-        PNGs the script reads."""
-        checkpoint = str(self.check_ready(endpoint).resolve())
+        """`uploads`: the bytes the client sent (they make the id); `inputs`: the files the
+        script reads."""
+        checkpoint = self.check_ready(endpoint)
         digests = {field: hashlib.sha256(data).hexdigest() for field, data in uploads.items()}
         key = (endpoint, job_id(endpoint, params, checkpoint, digests))
         # Before the first await: concurrent submissions must not all see the same free room.
@@ -164,13 +183,7 @@ class JobManager:
                 with _disk_full_is_507():
                     await self.store.restore_inputs(existing, inputs)
                     # Queued anew; images it already has are kept and only the rest are made.
-                    await self.store.save(
-                        existing,
-                        status=Status.QUEUED,
-                        seq=self._next_seq(),
-                        error=None,
-                        finished_at=None,
-                    )
+                    await self.store.commit(existing, lifecycle.retry(self._next_seq()))
                 await self.queue.put(existing, place)
             return existing
         self._check_room(place)
@@ -182,7 +195,7 @@ class JobManager:
             params=params,
             checkpoint=checkpoint,
             uploads=digests,
-            inputs=_input_names(endpoint, inputs),
+            inputs={field: ENDPOINTS[endpoint].input_names()[field] for field in inputs},
             seq=self._next_seq(),
             created_at=now,
             updated_at=now,
@@ -192,14 +205,18 @@ class JobManager:
         await self.queue.put(job, place)
         return job
 
+    def _check_room(self, place: Place | None) -> None:
+        """429 for a job that needs a place when none could be reserved (a POST of a job that
+        exists already needs none, so it is answered even when the queue is full)."""
+        if place is None:
+            raise ApiError(429, "queue_full", f"{self.queue.full_error()}; try again later")
+
     def _check_space(self, endpoint: str, params: Params, inputs: dict[str, bytes]) -> None:
         """507 before anything is written when the output disk cannot hold what this job may
         need on top of the space kept free."""
-        if "image" in inputs:
-            width, height = png_size(inputs["image"])
-        else:
-            width, height = int(params["width"]), int(params["height"])
-        needed = self.settings.min_free_space + job_bytes(total_images(params), width, height)
+        spec = ENDPOINTS[endpoint]
+        width, height = spec.image_size(params, inputs)
+        needed = self.settings.min_free_space + job_bytes(spec.total_images(params), width, height)
         free = free_bytes(self.settings.output)
         if free < needed:
             raise ApiError(
@@ -210,21 +227,15 @@ class JobManager:
                 "by --min-free-space, plus its images): free some space and try again",
             )
 
-    def _check_room(self, place: Place | None) -> None:
-        """429 for a job that needs a place when none could be reserved (a POST of a job that
-        exists already needs none, so it is answered even when the queue is full)."""
-        if place is None:
-            raise ApiError(429, "queue_full", f"{self.queue.full_error()}; try again later")
-
     async def get(self, endpoint: str, id_: str) -> Job | None:
         return self.store.cached(endpoint, id_) or await self.store.get(endpoint, id_)
 
     async def cancel(self, job: Job) -> Job:
-        """QUEUED → CANCELED at once; a running script is ended. Idempotent."""
+        """QUEUED → CANCELED at once; a running job is ended. Idempotent."""
         if job.status.finished:
             return job
         if self.queue.remove(job):
-            await self.store.settle(job, status=Status.CANCELED, finished_at=time.time(), pid=None)
+            await self.store.settle(job, lifecycle.cancel(time.time()))
             return job
         running = self._running.get((job.endpoint, job.id))
         if running is not None:
@@ -241,32 +252,43 @@ class JobManager:
     async def _run(self, job: Job) -> None:
         if job.status.finished or self.closing:
             return  # canceled while waiting; or left QUEUED for the next start
-        key = (job.endpoint, job.id)
         if len(job.images) >= job.total_images:
-            # Every image was published but the server died before saying COMPLETE.
-            await self.store.settle(
-                job, status=Status.COMPLETE, pid=None, finished_at=time.time(), error=None
-            )
+            await self.store.settle(job, lifecycle.complete(time.time()))  # nothing left to make
             return
+        key = (job.endpoint, job.id)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            runner = JobRunner(self.settings, self.store, job)
+            runner = self.runners(job, _JobSink(self.store, job))
             self._running[key] = (runner, done)
-            await runner.run()
+            outcome = await runner.run()
         except Exception:
             # The exception's text can name server paths: clients get the id it is logged as.
             incident = secrets.token_hex(8)
             log.exception("job %s/%s failed inside the server (%s)", job.endpoint, job.id, incident)
-            await self.store.settle(
-                job,
-                status=Status.FAILED,
-                pid=None,
-                finished_at=time.time(),
-                error=f"internal server error while running the job; it was logged as {incident}",
+            outcome = Outcome.failed(
+                f"internal server error while running the job; it was logged as {incident}"
             )
+        try:
+            await self._conclude(job, outcome)
         finally:
             self._running.pop(key, None)
             done.set_result(None)
+
+    async def _conclude(self, job: Job, outcome: Outcome) -> None:
+        """The outcome's transition: visible at once, durable as soon as the disk allows."""
+        now = time.time()
+        if outcome.kind is OutcomeKind.STOPPED:
+            if job.status is Status.IN_PROGRESS:
+                with contextlib.suppress(OSError):  # then the next start reads IN_PROGRESS
+                    await self.store.commit(job, lifecycle.requeue())
+            return
+        if outcome.kind is OutcomeKind.COMPLETE:
+            change = lifecycle.complete(now)
+        elif outcome.kind is OutcomeKind.CANCELED:
+            change = lifecycle.cancel(now)
+        else:
+            change = lifecycle.fail(outcome.error or "the job failed", now)
+        await self.store.settle(job, change)
 
     @property
     def running(self) -> int:
@@ -284,10 +306,3 @@ def _disk_full_is_507() -> Iterator[None]:
         raise ApiError(
             507, "disk_full", "the output disk is full: free some space and try again"
         ) from exc
-
-
-def _input_names(endpoint: str, inputs: dict[str, bytes]) -> dict[str, str]:
-    if endpoint == INPAINT_IMAGE:
-        # inpaint.py pairs X_mask.png with X.png in its input folder.
-        return {"image": f"{INPAINT_INPUT_NAME}.png", "mask": f"{INPAINT_INPUT_NAME}_mask.png"}
-    return {field: f"{field}.png" for field in inputs}

@@ -8,7 +8,6 @@ import json
 import os
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -16,11 +15,10 @@ from aiohttp import HttpVersion11, web
 
 from . import __version__
 from .bodies import clip, read_body
-from .endpoints import ENDPOINTS, IMAGE_TO_IMAGE, INPAINT_IMAGE
+from .endpoints import ENDPOINTS
 from .errors import ApiError
 from .jobs import Job
 from .manager import JobManager
-from .uploads import prepare_init_image, prepare_inpaint
 from .validation import validate_params
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -32,23 +30,11 @@ IMAGE_CACHE_CONTROL: Final = "public, max-age=31536000, immutable"  # a finished
 CORS_HEADERS: Final = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Last-Event-ID",
     "Access-Control-Expose-Headers": "Location, ETag",
 }
 
-
-@dataclass(frozen=True)
-class Limits:
-    """Time limits on slow clients (seconds)."""
-
-    # From connecting (or from the previous response) to the end of a request's headers; also
-    # how long an idle keep-alive connection stays open. aiohttp has one timer for both.
-    header_timeout: float = 30.0
-    body_timeout: float = 120.0  # to receive a whole POST body
-
-
 MANAGER = web.AppKey("manager", JobManager)
-LIMITS = web.AppKey("limits", Limits)
 OUTPUT_ROOT = web.AppKey("output_root", Path)  # the output folder with every link resolved
 
 
@@ -99,7 +85,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
         error = ApiError(417, "expectation_failed", f"unsupported Expect header {clip(expect)!r}")
-        return error_response(error, CORS_HEADERS)
+        return error_response(error)
     if request.transport is not None:
         request.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     return None
@@ -163,7 +149,7 @@ def _image_handler(endpoint: str) -> Handler:
         if etag in request.headers.get("If-None-Match", ""):
             return web.Response(status=304, headers=headers)
         store = request.app[MANAGER].store
-        path = store.image_path(job, n)
+        path = store.layout.image(job.endpoint, job.id, n)
         data = await asyncio.get_running_loop().run_in_executor(
             None, read_plain_file, path, store.output, request.app[OUTPUT_ROOT]
         )
@@ -198,7 +184,7 @@ def _submit_handler(endpoint: str) -> Handler:
     async def submit(request: web.Request) -> web.Response:
         manager = request.app[MANAGER]
         manager.check_ready(endpoint)
-        timeout = request.app[LIMITS].body_timeout
+        timeout = manager.settings.limits.body_timeout
         try:
             fields, files = await asyncio.wait_for(read_body(request), timeout)
         except asyncio.TimeoutError as exc:
@@ -208,18 +194,9 @@ def _submit_handler(endpoint: str) -> Handler:
         params = validate_params(endpoint, fields, [name for name, _ in files])
         uploads = dict(files)  # validation refused any name sent twice
         inputs = await asyncio.get_running_loop().run_in_executor(
-            None, _prepare_inputs, endpoint, uploads
+            None, ENDPOINTS[endpoint].prepare_inputs, uploads
         )
         job = await manager.submit(endpoint, params, uploads, inputs)
         return json_response(job.status_body(), status=303, headers={"Location": job.result_url})
 
     return submit
-
-
-def _prepare_inputs(endpoint: str, files: dict[str, bytes]) -> dict[str, bytes]:
-    if endpoint == IMAGE_TO_IMAGE:
-        return {"image": prepare_init_image(files["image"])}
-    if endpoint == INPAINT_IMAGE:
-        image, mask = prepare_inpaint(files["image"], files["mask"])
-        return {"image": image, "mask": mask}
-    return {}

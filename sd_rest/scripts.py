@@ -1,6 +1,7 @@
-"""How a job becomes a script run: which images it still needs, the argv, the environment.
+"""How a job becomes a script run: which images it still needs, its folders, its environment.
 
-Everything here is pure: the runner does the I/O.
+Everything here is pure: the runner does the I/O; what differs per endpoint (flags, inputs,
+where images appear) is in endpoints.py.
 """
 
 from __future__ import annotations
@@ -10,15 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .endpoints import ENDPOINTS, IMAGE_TO_IMAGE, INPAINT_IMAGE, TEXT_TO_IMAGE
-from .jobs import Params
+from .fields import Params
 
 # Columns of the pty: wide enough that tqdm never shortens a bar's label.
 PTY_COLUMNS = 240
 PTY_ROWS = 24
-INPAINT_CONFIG = Path("models/ldm/inpainting_big/config.yaml")
-INPAINT_CHECKPOINT = Path("models/ldm/inpainting_big/last.ckpt")
-INPAINT_INPUT_NAME = "image"  # inputs/image.png + inputs/image_mask.png -> <outdir>/image.png
 # The scripts' seeds are 32-bit (numpy's): an out-of-range one is replaced by a random seed,
 # so a resumed run's seed wraps around instead.
 SEED_LIMIT = 2**32
@@ -63,47 +60,19 @@ def plan_run(params: Params, total: int, done: int) -> RunPlan:
     )
 
 
-def script_path(repository: Path, endpoint: str) -> Path:
-    return repository / ENDPOINTS[endpoint].script
+@dataclass(frozen=True)
+class RunFolders:
+    """Where one run works: all below `root` (`<job>/run`), removed after the run."""
 
+    root: Path
+    outdir: Path  # the script's --outdir
+    images: Path  # where its PNGs appear
+    cwd: Path  # its working directory
 
-def script_arguments(
-    endpoint: str,
-    params: Params,
-    plan: RunPlan,
-    *,
-    outdir: Path,
-    checkpoint: Path,
-    init_image: Path | None = None,
-    indir: Path | None = None,
-) -> list[str]:
-    """The script's flags. Every value is passed explicitly (the scripts' defaults differ from
-    the API's) and as `--flag=value`, so a value starting with `-` cannot be read as a flag."""
-    if endpoint == INPAINT_IMAGE:
-        if indir is None:
-            raise ValueError("inpaint needs an input folder")
-        return [f"--indir={indir}", f"--outdir={outdir}", f"--steps={params['steps']}"]
-    args = [
-        f"--prompt={params['prompt']}",
-        f"--outdir={outdir}",
-        "--skip_grid",
-        f"--ddim_steps={params['steps']}",
-        f"--ddim_eta={float(params['eta'])!r}",
-        f"--n_iter={plan.n_iter}",
-        f"--n_samples={plan.n_samples}",
-        f"--scale={float(params['guidanceScale'])!r}",
-        f"--seed={plan.seed}",
-        f"--ckpt={checkpoint}",
-    ]
-    if endpoint == TEXT_TO_IMAGE:
-        args += [f"--H={params['height']}", f"--W={params['width']}"]
-    elif endpoint == IMAGE_TO_IMAGE:
-        if init_image is None:
-            raise ValueError("image-to-image needs an init image")
-        args += [f"--init-img={init_image}", f"--strength={float(params['strength'])!r}"]
-    else:
-        raise ValueError(f"unknown endpoint {endpoint!r}")
-    return args
+    @property
+    def site(self) -> Path:
+        """Where a `sitecustomize.py` of ours goes, when the run needs one."""
+        return self.root / "site"
 
 
 def script_environment(
@@ -121,7 +90,7 @@ def script_environment(
 
 
 def sitecustomize_source(seed: int) -> str:
-    """inpaint.py has no seed flag: seed torch when its interpreter starts."""
+    """A script without a seed flag: seed torch when its interpreter starts."""
     return (
         "# Written by sd-rest: inpaint.py has no --seed flag, so seed torch at start-up.\n"
         "try:\n"

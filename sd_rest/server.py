@@ -8,7 +8,7 @@ import signal
 import ssl
 from collections.abc import Callable
 
-from .app import create_app, make_runner
+from .app import create_app, make_runner, protocol_factory
 from .listener import Listener
 from .manager import JobManager
 
@@ -37,10 +37,8 @@ async def serve(
     await runner.setup()
     # Recovered jobs are queued before the first request can add one: submission order holds.
     await manager.start(unfinished)
-    server = runner.server
-    assert server is not None  # set up above
     listener = Listener(
-        server,
+        protocol_factory(runner, manager.settings.limits),
         context,
         host,
         port,

@@ -21,7 +21,7 @@ from typing import Final
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from sd_rest.errors import ApiError, invalid
-from sd_rest.validation import MAX_PIXELS, MAX_SIDE, MIN_PIXELS
+from sd_rest.fields import MAX_PIXELS, MAX_SIDE, MIN_PIXELS
 
 MAX_UPLOAD_BYTES: Final = 20 * 1024 * 1024  # the app's request size limit uses this
 MAX_DECODE_PIXELS: Final = 40_000_000  # refuse before decoding anything bigger

@@ -12,28 +12,40 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Final
 
-from sd_rest.endpoints import ENDPOINTS, IMAGE_TO_IMAGE, INPAINT_IMAGE
+from sd_rest.endpoints import ENDPOINTS
 from sd_rest.errors import ApiError, invalid
+from sd_rest.fields import (
+    FIELDS,
+    MAX_BATCH_SIZE,
+    MAX_IMAGES,
+    MAX_ITERATIONS,
+    MAX_PIXELS,
+    MAX_PROMPT_LENGTH,
+    MAX_SEED,
+    MAX_STEPS,
+    MIN_PIXELS,
+    MIN_STEPS,
+    NumberField,
+    Params,
+    TextField,
+)
 
-Params = dict[str, int | float | str]
-
-MAX_ITERATIONS: Final = 50
-MAX_BATCH_SIZE: Final = 8
-MAX_IMAGES: Final = 100  # iterations × batchSize of one job
-MIN_STEPS: Final = 1
-MAX_STEPS: Final = 250
-MAX_SEED: Final = 2**32 - 1  # the scripts seed numpy, which takes 32-bit seeds
-MAX_PROMPT_LENGTH: Final = 1000  # characters
-SIZE_MULTIPLE: Final = 64
-MIN_SIDE: Final = 64
-MAX_SIDE: Final = 2048
-MIN_PIXELS: Final = 256 * 256  # the scripts' invisible watermark refuses anything smaller
-MAX_PIXELS: Final = 1024 * 1024
-MAX_GUIDANCE_SCALE: Final = 50.0
-MAX_ETA: Final = 1.0
+__all__ = [  # the limits are the field table's; tests and clients find them here too
+    "MAX_BATCH_SIZE",
+    "MAX_IMAGES",
+    "MAX_ITERATIONS",
+    "MAX_PIXELS",
+    "MAX_PROMPT_LENGTH",
+    "MAX_SEED",
+    "MAX_STEPS",
+    "MIN_PIXELS",
+    "Params",
+    "ddim_step_crashes",
+    "nearest_safe_steps",
+    "validate_params",
+]
 
 # The DDIM schedule of the scripts is range(0, 1000, 1000 // steps) shifted by one.
 DDIM_TIMESTEPS: Final = 1000
@@ -45,38 +57,6 @@ _FLOAT_TEXT: Final = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+
 # Longer digit strings are out of every range; cut them off before int() does the work.
 _MAX_DIGITS: Final = 30
 _SHOWN_LENGTH: Final = 40
-
-
-@dataclass(frozen=True)
-class _Number:
-    kind: type[int] | type[float]
-    low: float
-    high: float
-    open_interval: bool = False  # both bounds excluded
-    multiple: int = 1
-
-
-_NUMBERS: Final[dict[str, _Number]] = {
-    "iterations": _Number(int, 1, MAX_ITERATIONS),
-    "batchSize": _Number(int, 1, MAX_BATCH_SIZE),
-    "steps": _Number(int, MIN_STEPS, MAX_STEPS),
-    "seed": _Number(int, 0, MAX_SEED),
-    "width": _Number(int, MIN_SIDE, MAX_SIDE, multiple=SIZE_MULTIPLE),
-    "height": _Number(int, MIN_SIDE, MAX_SIDE, multiple=SIZE_MULTIPLE),
-    "guidanceScale": _Number(float, 0.0, MAX_GUIDANCE_SCALE),
-    "eta": _Number(float, 0.0, MAX_ETA),
-    "strength": _Number(float, 0.0, 1.0, open_interval=True),
-}
-_TEXTS: Final = frozenset({"prompt"})
-
-# Names a client may plausibly send to the wrong endpoint, with the reason they are refused.
-_MISPLACED: Final[dict[tuple[str, str], str]] = {
-    (INPAINT_IMAGE, "prompt"): "inpaint-image takes no prompt: it fills the mask from the image",
-    (IMAGE_TO_IMAGE, "width"): "the size comes from the uploaded image",
-    (IMAGE_TO_IMAGE, "height"): "the size comes from the uploaded image",
-    (INPAINT_IMAGE, "width"): "the size comes from the uploaded image",
-    (INPAINT_IMAGE, "height"): "the size comes from the uploaded image",
-}
 
 
 def ddim_step_crashes(steps: int) -> bool:
@@ -173,12 +153,10 @@ def _unknown_message(endpoint: str, names: Sequence[str], known: Sequence[str]) 
 
 
 def _unknown_hint(endpoint: str, name: str, known: Sequence[str]) -> str:
-    if (endpoint, name) in _MISPLACED:
-        return f" ({_MISPLACED[endpoint, name]})"
+    if name in ENDPOINTS[endpoint].refused:
+        return f" ({ENDPOINTS[endpoint].refused[name]})"
     elsewhere = [
-        other.name
-        for other in ENDPOINTS.values()
-        if other.name != endpoint and (name in other.defaults or name in other.files)
+        other.name for other in ENDPOINTS.values() if other.name != endpoint and other.takes(name)
     ]
     if elsewhere:
         return f" (only {' and '.join(elsewhere)} {'takes' if len(elsewhere) == 1 else 'take'} it)"
@@ -191,23 +169,22 @@ def _unknown_hint(endpoint: str, name: str, known: Sequence[str]) -> str:
 
 
 def _parse_field(name: str, value: object) -> int | float | str:
-    if name in _TEXTS:
-        return _check_prompt(name, value)
-    number = _NUMBERS[name]
+    spec = FIELDS[name]
+    if isinstance(spec, TextField):
+        return _check_prompt(name, value, spec.max_length)
+    number = _number(name)  # files never reach here: _check_names sorts them out
     parsed = _parse_int(name, value) if number.kind is int else _parse_float(name, value, number)
     _check_range(name, parsed, number)
     return parsed
 
 
-def _check_prompt(name: str, value: object) -> str:
+def _check_prompt(name: str, value: object, max_length: int) -> str:
     if not isinstance(value, str):
         raise invalid(name, f"{name} must be a string, got {_shown(value)}")
     if not value.strip():
         raise invalid(name, f"{name} must not be empty")
-    if len(value) > MAX_PROMPT_LENGTH:
-        raise invalid(
-            name, f"{name} must be at most {MAX_PROMPT_LENGTH} characters, got {len(value)}"
-        )
+    if len(value) > max_length:
+        raise invalid(name, f"{name} must be at most {max_length} characters, got {len(value)}")
     for position, char in enumerate(value):
         if (ord(char) < 0x20 and char not in _ALLOWED_CONTROLS) or ord(char) == 0x7F:
             raise invalid(
@@ -225,6 +202,12 @@ def _check_prompt(name: str, value: object) -> str:
     return value
 
 
+def _number(name: str) -> NumberField:
+    spec = FIELDS[name]
+    assert isinstance(spec, NumberField)
+    return spec
+
+
 def _parse_int(name: str, value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -233,12 +216,12 @@ def _parse_int(name: str, value: object) -> int:
         if _INT_TEXT.fullmatch(text):
             digits = text.lstrip("+-").lstrip("0")
             if len(digits) > _MAX_DIGITS:
-                raise _range_error(name, _NUMBERS[name], value)
+                raise _range_error(name, _number(name), value)
             return int(text)
     raise invalid(name, f"{name} must be an integer, got {_shown(value)}")
 
 
-def _parse_float(name: str, value: object, number: _Number) -> float:
+def _parse_float(name: str, value: object, number: NumberField) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             parsed = float(value)
@@ -253,7 +236,7 @@ def _parse_float(name: str, value: object, number: _Number) -> float:
     return parsed
 
 
-def _check_range(name: str, value: float, number: _Number) -> None:
+def _check_range(name: str, value: float, number: NumberField) -> None:
     if number.open_interval:
         inside = number.low < value < number.high
     else:
@@ -269,7 +252,7 @@ def _check_range(name: str, value: float, number: _Number) -> None:
         )
 
 
-def _range_error(name: str, number: _Number, value: object) -> ApiError:
+def _range_error(name: str, number: NumberField, value: object) -> ApiError:
     if number.kind is int:
         low, high = str(int(number.low)), str(int(number.high))
     else:

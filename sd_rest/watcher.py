@@ -32,6 +32,9 @@ async def watch_folder(
             yield_on_timeout=False,
         ):
             await on_change()
-    except (FileNotFoundError, RuntimeError) as exc:
-        # The folder can vanish when a run is cancelled; the runner's final sweep still runs.
+    except FileNotFoundError as exc:
+        # The folder can vanish when a run is cancelled; the publisher's final look still runs.
         log.debug("watching %s ended: %s", folder, exc)
+    except RuntimeError as exc:
+        # Images are still found when the outer bar moves on and when the run ends, only later.
+        log.warning("watching %s for images failed: %s", folder, exc)

@@ -25,13 +25,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from sd_rest import runner as runner_module
+from sd_rest import publisher as publisher_module
 from sd_rest import store as store_module
-from sd_rest.config import Settings
 from sd_rest.endpoints import ENDPOINTS
 from sd_rest.errors import ApiError
 from sd_rest.jobs import Job, Status
 from sd_rest.manager import JobManager
+from sd_rest.settings import Settings
 
 from helpers import (
     DEMO_MODELS,
@@ -194,7 +194,7 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, int], FullDisk]:
     def install(kind: str, at: int) -> FullDisk:
         full = FullDisk(kind, at)
         store_write = store_module.write_atomic
-        runner_write = runner_module.write_atomic
+        image_write = publisher_module.write_atomic
         real_fdopen = os.fdopen
 
         def store_atomic(path: Path, data: bytes) -> None:
@@ -203,14 +203,14 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, int], FullDisk]:
 
         def image_atomic(path: Path, data: bytes) -> None:
             full.write("image")
-            runner_write(path, data)
+            image_write(path, data)
 
         def fdopen(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
             file = real_fdopen(fd, mode, *args, **kwargs)
             return FaultyLog(file, full) if "a" in mode else file
 
         monkeypatch.setattr(store_module, "write_atomic", store_atomic)
-        monkeypatch.setattr(runner_module, "write_atomic", image_atomic)
+        monkeypatch.setattr(publisher_module, "write_atomic", image_atomic)
         monkeypatch.setattr(os, "fdopen", fdopen)
         return full
 

@@ -8,11 +8,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sd_rest.config import Settings
 from sd_rest.endpoints import ENDPOINTS
 from sd_rest.errors import ApiError
 from sd_rest.jobs import Job
 from sd_rest.manager import JobManager
+from sd_rest.settings import Settings
 
 from helpers import DEMO_MODELS, SIMULATOR, Server
 

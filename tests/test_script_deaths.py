@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from sd_rest.config import Settings
-from sd_rest.endpoints import ENDPOINTS
+from sd_rest.endpoints import ENDPOINTS, TextToImage
 from sd_rest.jobs import Status
 from sd_rest.manager import JobManager
-from sd_rest.store import JobStore
+from sd_rest.scripts import RunFolders
+from sd_rest.settings import Settings
 
 from helpers import DEMO_MODELS, FAST_SIMULATOR, SIMULATOR, Server
 
@@ -46,11 +46,11 @@ def test_a_traceback_keeps_its_line_and_adds_the_status(make_server) -> None:
 def test_an_internal_failure_shows_an_incident_id_not_its_text(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(self: JobStore, job: object) -> Path:
+    def broken(self: object, root: Path, repository: Path, checkpoint: Path) -> RunFolders:
         raise RuntimeError("cannot write /srv/secret/place")
 
     # A fault injected where the server prepares a run (no client input can cause one).
-    monkeypatch.setattr(JobStore, "fresh_run_dir", broken)
+    monkeypatch.setattr(TextToImage, "make_run_folders", broken)
     for name, value in FAST_SIMULATOR.items():
         monkeypatch.setenv(name, value)
     settings = Settings(

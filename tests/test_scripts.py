@@ -1,4 +1,5 @@
-"""The pure pieces between a job and a script run: run plans, argv and environment."""
+"""The pieces between a job and a script run: run plans, each endpoint's flags, folders and
+outputs, and the scripts' environment."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from sd_rest.endpoints import ENDPOINTS
+from sd_rest.endpoints import ENDPOINTS, INPAINT_CHECKPOINT, INPAINT_CONFIG
+from sd_rest.fields import Params
 from sd_rest.scripts import (
+    RunFolders,
+    RunPlan,
     plan_run,
-    script_arguments,
     script_environment,
-    script_path,
     sitecustomize_source,
 )
 
@@ -23,6 +25,12 @@ from helpers import SIMULATOR
 
 OUT = Path("/jobs/x/run/out")
 CKPT = Path("/models/text-to-image.ckpt")
+INPUTS = Path("/jobs/x/inputs")
+FOLDERS = RunFolders(root=Path("/jobs/x/run"), outdir=OUT, images=OUT / "samples", cwd=Path("/r"))
+
+
+def script_arguments(endpoint: str, params: Params, plan: RunPlan) -> list[str]:
+    return ENDPOINTS[endpoint].arguments(params, plan, FOLDERS, CKPT, INPUTS)
 
 
 def txt2img_params(**changes: object) -> dict:
@@ -56,7 +64,7 @@ def test_text_to_image_maps_every_field() -> None:
         eta=0.5,
     )
     plan = plan_run(params, total=6, done=0)
-    args = parse(script_arguments("text-to-image", params, plan, outdir=OUT, checkpoint=CKPT))
+    args = parse(script_arguments("text-to-image", params, plan))
     assert args == {
         "prompt": "a cat",
         "outdir": str(OUT),
@@ -77,13 +85,8 @@ def test_image_to_image_maps_every_field() -> None:
     params = {k: v for k, v in ENDPOINTS["image-to-image"].defaults.items()}
     params.update(prompt="autumn", strength=0.3, steps=30, seed=1, iterations=2)
     plan = plan_run(params, total=2, done=0)
-    init = Path("/jobs/x/inputs/image.png")
-    args = parse(
-        script_arguments(
-            "image-to-image", params, plan, outdir=OUT, checkpoint=CKPT, init_image=init
-        )
-    )
-    assert args["init_img"] == str(init)
+    args = parse(script_arguments("image-to-image", params, plan))
+    assert args["init_img"] == str(INPUTS / "image.png")
     assert args["strength"] == "0.3"
     assert args["ddim_steps"] == "30"
     assert args["n_iter"] == "2"
@@ -95,10 +98,13 @@ def test_image_to_image_maps_every_field() -> None:
 def test_inpaint_passes_only_its_three_flags() -> None:
     params = {"steps": 32, "seed": 42}
     plan = plan_run(params, total=1, done=0)
-    args = script_arguments(
-        "inpaint-image", params, plan, outdir=OUT, checkpoint=CKPT, indir=Path("/in")
-    )
-    assert args == ["--indir=/in", f"--outdir={OUT}", "--steps=32"]
+    assert script_arguments("inpaint-image", params, plan) == [
+        f"--indir={INPUTS}",
+        f"--outdir={OUT}",
+        "--steps=32",
+    ]
+    assert ENDPOINTS["inpaint-image"].start_seed(plan) == 42  # no seed flag: torch is seeded
+    assert ENDPOINTS["text-to-image"].start_seed(plan) is None
 
 
 @pytest.mark.parametrize(
@@ -107,9 +113,7 @@ def test_inpaint_passes_only_its_three_flags() -> None:
 )
 def test_prompt_is_one_verbatim_argument(prompt: str) -> None:
     params = txt2img_params(prompt=prompt)
-    args = script_arguments(
-        "text-to-image", params, plan_run(params, 1, 0), outdir=OUT, checkpoint=CKPT
-    )
+    args = script_arguments("text-to-image", params, plan_run(params, 1, 0))
     prompts = [a for a in args if a.startswith("--prompt=")]
     assert prompts == [f"--prompt={prompt}"]
     assert parse(args)["prompt"] == prompt
@@ -159,10 +163,40 @@ def test_environment_of_the_scripts() -> None:
     assert with_site["PYTHONPATH"] == "/job/run/site:/repo"
 
 
-def test_script_paths() -> None:
-    assert script_path(Path("/r"), "text-to-image") == Path("/r/scripts/txt2img.py")
-    assert script_path(Path("/r"), "image-to-image") == Path("/r/scripts/img2img.py")
-    assert script_path(Path("/r"), "inpaint-image") == Path("/r/scripts/inpaint.py")
+def test_scripts_are_the_forks() -> None:
+    assert {name: e.script for name, e in ENDPOINTS.items()} == {
+        "text-to-image": "scripts/txt2img.py",
+        "image-to-image": "scripts/img2img.py",
+        "inpaint-image": "scripts/inpaint.py",
+    }
+    assert all((SIMULATOR / e.script).is_file() for e in ENDPOINTS.values())
+
+
+@pytest.mark.parametrize("endpoint", ["text-to-image", "image-to-image"])
+def test_sampling_runs_in_the_repository_and_write_numbered_samples(
+    endpoint: str, tmp_path: Path
+) -> None:
+    folders = ENDPOINTS[endpoint].make_run_folders(tmp_path / "run", Path("/repo"), CKPT)
+    assert folders.cwd == Path("/repo") and folders.images == folders.outdir / "samples"
+    assert folders.images.is_dir()
+    for name in ("00001.png", "00000.png", "grid-0000.png", "00002.png.tmp"):
+        (folders.images / name).write_bytes(b"")
+    assert [p.name for p in ENDPOINTS[endpoint].outputs(folders)] == ["00000.png", "00001.png"]
+
+
+def test_inpaint_runs_in_a_folder_of_its_own_linking_config_and_checkpoint(
+    tmp_path: Path,
+) -> None:
+    repo, checkpoint = tmp_path / "repo", tmp_path / "chosen.ckpt"
+    endpoint = ENDPOINTS["inpaint-image"]
+    folders = endpoint.make_run_folders(tmp_path / "run", repo, checkpoint)
+    assert folders.cwd == tmp_path / "run" / "cwd" and folders.images == folders.outdir
+    assert (folders.cwd / INPAINT_CONFIG).readlink() == repo / INPAINT_CONFIG
+    assert (folders.cwd / INPAINT_CHECKPOINT).readlink() == checkpoint
+    assert endpoint.outputs(folders) == []
+    (folders.images / "image.png").write_bytes(b"")
+    (folders.images / "other.png").write_bytes(b"")
+    assert endpoint.outputs(folders) == [folders.images / "image.png"]
 
 
 def test_sitecustomize_seeds_torch_at_interpreter_start(tmp_path: Path) -> None:

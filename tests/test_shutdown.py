@@ -57,7 +57,8 @@ def test_signal_ends_scripts_exits_0_and_jobs_resume(
     wait_gone([pid])
     assert "stopping: no new jobs" in server.log()
     sidecar = read_sidecar(server.output, running)
-    assert sidecar["status"] == "IN_PROGRESS" and sidecar["pid"] is None
+    # Back in the queue, on disk (the state machine's running -> queued on shutdown).
+    assert sidecar["status"] == "QUEUED" and sidecar["pid"] is None
     assert len(sidecar["images"]) >= 1
     assert read_sidecar(server.output, queued)["status"] == "QUEUED"
     markers = sorted(p.name for p in (server.output / ".queue").iterdir())
@@ -96,7 +97,7 @@ def test_a_script_that_does_not_stop_is_killed_after_the_grace(make_server, tmp_
     assert server.process.wait() == 0
     assert 303 not in answers, answers
     wait_gone([pid])
-    assert read_sidecar(server.output, url)["status"] == "IN_PROGRESS"
+    assert read_sidecar(server.output, url)["status"] == "QUEUED"  # resumable
 
     server = make_server(output=server.output, env={**env, "SD_SIM_STEP_SECONDS": "0.01"})
     assert server.wait_status(url, {"COMPLETE", "FAILED"})["status"] == "COMPLETE"

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_rest.app import limits_from_environment
-from sd_rest.routes import Limits
+from sd_rest.settings import Limits, limits_from_environment
 
 from helpers import Server, parse_response, read_response, tls_socket
 

@@ -1,0 +1,72 @@
+"""Change notifications: every change a client can see (a transition, a progress step) bumps
+the job's version and wakes whoever waits for the job's next change, and every listener gets
+the event as it happens (the event stream and long-polling build on this)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .jobs import Job
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """`kind`: queued, started, progress, image, complete, failed or canceled (the state
+    machine's event names, and progress). `id` increases across all jobs."""
+
+    id: int
+    kind: str
+    job: Job
+    data: Any = None
+
+
+Listener = Callable[[JobEvent], None]
+
+
+class JobEvents:
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._waiters: dict[Key, list[asyncio.Future[None]]] = {}
+        self._listeners: list[Listener] = []
+
+    def emit(self, job: Job, kind: str, data: Any = None) -> JobEvent:
+        """Called after the change is visible (and durable, for transitions)."""
+        job.version += 1
+        event = JobEvent(next(self._ids), kind, job, data)
+        for waiter in self._waiters.pop((job.endpoint, job.id), ()):
+            if not waiter.done():
+                waiter.set_result(None)
+        for listener in list(self._listeners):
+            listener(event)
+        return event
+
+    async def changed(self, job: Job, version: int, timeout: float) -> bool:
+        """Wait until `job` is past `version` (at once if it is already); False on timeout."""
+        if job.version > version:
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault((job.endpoint, job.id), [])
+        waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            with contextlib.suppress(ValueError):
+                waiters.remove(waiter)
+            if not waiters and self._waiters.get((job.endpoint, job.id)) is waiters:
+                del self._waiters[(job.endpoint, job.id)]
+        return True
+
+    def listen(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener` with every event from now on; returns what stops it. A listener must
+        not block: it runs inside the change that emitted the event."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
