@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-from inprocess import Recorder, settings, text_params, until
 
 from sd_rest import lifecycle
+from sd_rest.job_run import CANCEL_KILL_AFTER
 from sd_rest.jobs import ImageRecord, Job, Status
 from sd_rest.manager import JobManager
-from sd_rest.script_runner import CANCEL_KILL_AFTER
 
 from helpers import FAST_SIMULATOR, process_running
+from inprocess import Recorder, settings, text_params, until
 
 
 @pytest.fixture(autouse=True)
