@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from helpers import Server
+from helpers import Server, end_all
 from realfork import RealFork, build, kit_folder, skip_reason
 
 
@@ -27,7 +27,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
 
 @pytest.fixture
 def make_server(tmp_path: Path, certs: tuple[str, str, str]) -> Iterator[Callable[..., Server]]:
-    """Start servers on demand; every one still running is killed at the end of the test."""
+    """Start servers on demand; every one still running is ended at the end of the test."""
     started: list[Server] = []
 
     def make(
@@ -48,9 +48,7 @@ def make_server(tmp_path: Path, certs: tuple[str, str, str]) -> Iterator[Callabl
         return server.start() if start else server
 
     yield make
-    for server in started:
-        if server.process is not None and server.process.poll() is None:
-            server.kill()
+    end_all(started)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +59,7 @@ def shared_server(
     output = tmp_path_factory.mktemp("shared") / "output"
     server = Server(output=output, certs=certs).start()
     yield server
-    if server.process is not None and server.process.poll() is None:
-        server.kill()
+    server.end()
 
 
 @pytest.fixture(scope="session")

@@ -149,6 +149,12 @@ class Server:
         self.process.kill()
         self.process.wait(10)
 
+    def end(self, timeout: float = 10.0) -> None:
+        """End the server if it still runs: SIGTERM first, SIGKILL only if it has not stopped
+        after `timeout`. A server stopped by SIGTERM writes its coverage data as it exits (see
+        scripts/test.sh); one killed outright loses it."""
+        end_all([self], timeout)
+
     # --- client ------------------------------------------------------------------------
 
     def context(self) -> ssl.SSLContext:
@@ -212,6 +218,20 @@ class Server:
                 return
             time.sleep(0.01)
         raise AssertionError(f"{url} never reached {until}\n{self.log()}")
+
+
+def end_all(servers: list[Server], timeout: float = 10.0) -> None:
+    """Server.end for several servers at once: all are signalled before any is waited for."""
+    running = [s.process for s in servers if s.process is not None and s.process.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in running:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 # --- restarts, cancels and shutdowns: the disk, the scripts' processes, the seed rule -------

@@ -28,7 +28,7 @@ def strict(tmp_path_factory: pytest.TempPathFactory, certs) -> Iterator[Server]:
     env = {"SD_REST_HEADER_TIMEOUT": "1", "SD_REST_BODY_TIMEOUT": "1"}
     server = Server(output=output, certs=certs, env=env).start()
     yield server
-    server.kill()
+    server.end()
 
 
 def trickle(sock: ssl.SSLSocket, data: bytes, pause: float) -> tuple[bool, bytes]:
