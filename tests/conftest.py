@@ -5,9 +5,17 @@ from pathlib import Path
 
 import pytest
 import trustme
+from hypothesis import settings
 
 from helpers import Server, end_all
 from realfork import RealFork, build, kit_folder, skip_reason
+
+# The same examples on every run and every machine: a failure seen once is seen again, and a
+# pass means the same thing each time (by default Hypothesis draws new examples on each run
+# and replays failures kept in a local database). `--hypothesis-profile=explore` draws new ones.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, database=None)
+settings.load_profile("repeatable")
 
 
 @pytest.fixture(scope="session")
