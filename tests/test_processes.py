@@ -128,6 +128,14 @@ def test_end_orphan_kills_our_script_and_its_whole_group(way: str, start, tmp_pa
     wait_until(lambda: not processes.is_running(child), "the script's own child to be killed")
 
 
+def test_end_orphan_kills_our_script_that_leads_no_group(way: str, start, tmp_path: Path) -> None:
+    run = run_folder(tmp_path, "a" * 32)
+    # Started without a session of its own (in the test's process group): only it is killed.
+    script, _ = start(sys.executable, "-c", SLEEPER, "scripts/txt2img.py", f"--outdir={run}/out")
+    assert processes.end_orphan(script.pid, (run, "scripts/txt2img.py"), wait=10)
+    assert script.wait(10) == -signal.SIGKILL
+
+
 def test_end_orphan_leaves_a_process_that_is_not_ours(way: str, start, tmp_path: Path) -> None:
     # The recorded pid now belongs to another program: the same script for another job, or
     # something else altogether.
