@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 
 ORPHAN_WAIT = 5.0  # seconds to wait for a killed orphan to be gone
+# Where Linux shows processes; without it (macOS) `ps` is asked. A test points it elsewhere to
+# run the `ps` way on Linux.
+PROC = Path("/proc")
 # Signals a script must not inherit as ignored: a server started under `nohup` (SIGHUP) or
 # in the background of a non-interactive shell (SIGINT) passes its ignored signals on through
 # exec, and then neither the pty hang-up nor our interrupt would end the script.
@@ -16,7 +19,7 @@ RESET_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, s
 
 
 def _proc_available() -> bool:
-    return Path("/proc/self/stat").exists()
+    return (PROC / "self" / "stat").exists()
 
 
 def command_line(pid: int) -> str | None:
@@ -25,21 +28,26 @@ def command_line(pid: int) -> str | None:
     if _proc_available():
         try:
             return (
-                Path(f"/proc/{pid}/cmdline")
+                (PROC / str(pid) / "cmdline")
                 .read_bytes()
                 .replace(b"\0", b" ")
                 .decode(errors="replace")
             )
         except OSError:
             return None
-    return _ps(pid, "command=")
+    listed = _ps(pid, "stat=", "command=")
+    if listed is None:
+        return None
+    state, _, command = listed.partition(" ")
+    # As /proc has it: ps shows a zombie's name (`[name] <defunct>`), which is no command line.
+    return "" if state.startswith("Z") else command.strip()
 
 
 def is_running(pid: int) -> bool:
     """Whether `pid` is a live process (a zombie has ended: it only waits to be reaped)."""
     if _proc_available():
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+            stat = (PROC / str(pid) / "stat").read_text(errors="replace")
         except OSError:
             return False
         # The state follows the command name, which is in parentheses and may hold any byte.
@@ -48,10 +56,13 @@ def is_running(pid: int) -> bool:
     return bool(state) and not state.startswith("Z")
 
 
-def _ps(pid: int, column: str) -> str | None:
+def _ps(pid: int, *columns: str) -> str | None:
+    # -ww: never cut a line to the width of a terminal, or of COLUMNS when it is set (procps
+    # does): the markers end_orphan looks for are at the end of long command lines.
+    options = [arg for column in columns for arg in ("-o", column)]
     try:
         result = subprocess.run(
-            ["ps", "-p", str(pid), "-o", column],
+            ["ps", "-ww", "-p", str(pid), *options],
             capture_output=True,
             text=True,
             check=False,

@@ -5,9 +5,17 @@ from pathlib import Path
 
 import pytest
 import trustme
+from hypothesis import settings
 
-from helpers import Server
+from helpers import Server, end_all
 from realfork import RealFork, build, kit_folder, skip_reason
+
+# The same examples on every run and every machine: a failure seen once is seen again, and a
+# pass means the same thing each time (by default Hypothesis draws new examples on each run
+# and replays failures kept in a local database). `--hypothesis-profile=explore` draws new ones.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, database=None)
+settings.load_profile("repeatable")
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +35,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
 
 @pytest.fixture
 def make_server(tmp_path: Path, certs: tuple[str, str, str]) -> Iterator[Callable[..., Server]]:
-    """Start servers on demand; every one still running is killed at the end of the test."""
+    """Start servers on demand; every one still running is ended at the end of the test."""
     started: list[Server] = []
 
     def make(
@@ -48,9 +56,7 @@ def make_server(tmp_path: Path, certs: tuple[str, str, str]) -> Iterator[Callabl
         return server.start() if start else server
 
     yield make
-    for server in started:
-        if server.process is not None and server.process.poll() is None:
-            server.kill()
+    end_all(started)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +67,7 @@ def shared_server(
     output = tmp_path_factory.mktemp("shared") / "output"
     server = Server(output=output, certs=certs).start()
     yield server
-    if server.process is not None and server.process.poll() is None:
-        server.kill()
+    server.end()
 
 
 @pytest.fixture(scope="session")

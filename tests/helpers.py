@@ -6,6 +6,7 @@ import http.client
 import io
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -29,6 +30,14 @@ FAST_SIMULATOR = {
     "SD_SIM_LOAD_SECONDS": "0.05",
     "SD_SIM_STEP_SECONDS": "0.01",
 }
+
+
+# `python -m sd_rest` with sd_rest's loggers at DEBUG: the command line only sets the root
+# logger's level (INFO), which a lower level set on "sd_rest" beforehand overrides.
+DEBUG_LOG_START = (
+    "import logging, runpy; logging.getLogger('sd_rest').setLevel(logging.DEBUG); "
+    "runpy.run_module('sd_rest', run_name='__main__', alter_sys=True)"
+)
 
 
 def free_port() -> int:
@@ -95,10 +104,12 @@ class Server:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    debug_log: bool = False  # log sd_rest's DEBUG records too (what it saw and let go quietly)
 
     def command(self) -> list[str]:
         cert, key, _ = self.certs
-        base = [sys.executable, "-m", "sd_rest", "--host", "127.0.0.1", "--port", str(self.port)]
+        start = ["-c", DEBUG_LOG_START] if self.debug_log else ["-m", "sd_rest"]
+        base = [sys.executable, *start, "--host", "127.0.0.1", "--port", str(self.port)]
         base += ["--output", str(self.output), "--cert", cert, "--key", key]
         if self.demo:
             base.append("--demo")
@@ -125,6 +136,16 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
+    def assert_serving(self, since: int = 0) -> None:
+        """The server still runs, answers `GET /`, and has logged no error since `since` (a
+        `len(self.log())` taken earlier): what a request it refused must leave behind."""
+        assert self.process is not None
+        assert self.process.poll() is None, f"the server exited:\n{self.log()}"
+        assert self.get("/").status == 200
+        logged = self.log()[since:]
+        # Every failure inside the server is logged at ERROR (ours, aiohttp's and asyncio's).
+        assert not re.search(r" (ERROR|CRITICAL) |Traceback", logged), logged
+
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -148,6 +169,12 @@ class Server:
         assert self.process is not None
         self.process.kill()
         self.process.wait(10)
+
+    def end(self, timeout: float = 10.0) -> None:
+        """End the server if it still runs: SIGTERM first, SIGKILL only if it has not stopped
+        after `timeout`. A server stopped by SIGTERM writes its coverage data as it exits (see
+        scripts/test.sh); one killed outright loses it."""
+        end_all([self], timeout)
 
     # --- client ------------------------------------------------------------------------
 
@@ -212,6 +239,20 @@ class Server:
                 return
             time.sleep(0.01)
         raise AssertionError(f"{url} never reached {until}\n{self.log()}")
+
+
+def end_all(servers: list[Server], timeout: float = 10.0) -> None:
+    """Server.end for several servers at once: all are signalled before any is waited for."""
+    running = [s.process for s in servers if s.process is not None and s.process.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in running:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 # --- restarts, cancels and shutdowns: the disk, the scripts' processes, the seed rule -------

@@ -26,7 +26,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory, certs) -> Iterator[Server]:
         wait_for_401(server)
         yield server
     finally:
-        server.kill()
+        server.end()
 
 
 def wait_for_401(server: Server) -> None:

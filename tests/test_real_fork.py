@@ -23,8 +23,7 @@ def fork_server(
     server = Server(output=output, certs=certs, args=real_fork.server_args(), demo=False)
     server.start()
     yield server
-    if server.process is not None and server.process.poll() is None:
-        server.kill()
+    server.end()
 
 
 def finished_images(server: Server, location: str) -> list[Image.Image]:
