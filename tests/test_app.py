@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from inprocess import settings
 
 from sd_rest.app import create_app
 from sd_rest.manager import JobManager
 from sd_rest.routes import CORS_HEADERS
+
+from inprocess import settings
 
 
 async def streamed(request: web.Request) -> web.StreamResponse:

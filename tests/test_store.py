@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from inprocess import Recorder, text_params
 
 from sd_rest import lifecycle
 from sd_rest.events import JobEvents
@@ -18,6 +17,8 @@ from sd_rest.jobs import ImageRecord, Job, Status, job_id
 from sd_rest.layout import Layout
 from sd_rest.lifecycle import IllegalTransition
 from sd_rest.store import JobStore
+
+from inprocess import Recorder, text_params
 
 
 def new_job(prompt: str = "x", **params: object) -> Job:
