@@ -63,6 +63,13 @@ HELP_ROWS = [
     HelpRow("--api-key", f"Require 'Authorization: Bearer <key>' (or set {API_KEY_ENV})", None),
     HelpRow("--max-queue", "Number of waiting tasks before new ones are refused (429)", "1000"),
     HelpRow(
+        "--runner",
+        "resident: keep the scripts' models loaded in a worker; process: one per task",
+        "resident",
+    ),
+    HelpRow("--worker-max-jobs", "Tasks a resident worker runs before it is replaced", "100"),
+    HelpRow("--worker-idle", "Seconds a resident worker may idle before it is stopped", "600"),
+    HelpRow(
         "--max-connections",
         "Number of open connections; more are closed at once",
         str(DEFAULT_MAX_CONNECTIONS),
@@ -119,6 +126,9 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 @click.option("--python", "python", default=None)
 @click.option("--api-key", default=None, envvar=API_KEY_ENV, show_envvar=True)
 @click.option("--max-queue", default=1000, type=click.IntRange(1, 1_000_000))
+@click.option("--runner", default="resident", type=click.Choice(["resident", "process"]))
+@click.option("--worker-max-jobs", default=100, type=click.IntRange(1, 1_000_000))
+@click.option("--worker-idle", default=600.0, type=click.FloatRange(1, 1e9))
 @click.option("--max-connections", default=DEFAULT_MAX_CONNECTIONS, type=click.IntRange(1, 100_000))
 @click.option("--min-free-space", default="1G")
 @click.option("--demo", is_flag=True, default=False)
@@ -138,6 +148,9 @@ def main(
     python: str | None,
     api_key: str | None,
     max_queue: int,
+    runner: str,
+    worker_max_jobs: int,
+    worker_idle: float,
     max_connections: int,
     min_free_space: str,
     demo: bool,
@@ -192,6 +205,9 @@ def main(
         min_free_space=min_free,
         max_connections=max_connections,
         limits=limits,
+        runner=runner,
+        worker_max_jobs=worker_max_jobs,
+        worker_idle_seconds=worker_idle,
     )
     for model in Model:
         path = settings.checkpoint(model)

@@ -12,6 +12,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from . import lifecycle, pty_process
 from .disk import format_size, free_bytes, is_disk_full, job_bytes
@@ -23,7 +24,7 @@ from .jobs import ImageRecord, Job, Status, job_id
 from .layout import Key, Layout
 from .queue import JobQueue, Place
 from .recovery import Recovery
-from .runners import Outcome, OutcomeKind, Runner, RunnerFactory, runner_factory
+from .runners import Outcome, OutcomeKind, Runner, RunnerFactory, Runners
 from .settings import Settings
 from .store import JobStore
 
@@ -63,7 +64,7 @@ class JobManager:
         self.store = store
         self.events = store.events
         self.recovery = Recovery(self.store)
-        self.runners = runners or runner_factory(settings, self.store)
+        self.runners: Runners | RunnerFactory = runners or Runners(settings, self.store)
         self.queue = JobQueue(settings.concurrency, settings.max_queue, self._run)
         self._running: dict[Key, tuple[Runner, asyncio.Future[None]]] = {}
         self._submitting: dict[Key, asyncio.Lock] = {}
@@ -115,6 +116,8 @@ class JobManager:
         if self._sweeper is not None:
             await self._sweeper
         await self.store.close()
+        if isinstance(self.runners, Runners):
+            await self.runners.close()
         await pty_process.closed()
 
     # --- requests ---------------------------------------------------------------------
@@ -293,6 +296,10 @@ class JobManager:
     @property
     def running(self) -> int:
         return len(self._running)
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """Each resident worker's state (idle or busy, model, jobs served, RSS)."""
+        return await self.runners.describe() if isinstance(self.runners, Runners) else []
 
 
 @contextlib.contextmanager

@@ -105,6 +105,8 @@ async def index(request: web.Request) -> web.Response:
         "endpoints": [f"/{name}" for name in ENDPOINTS],
         "running": manager.running,
         "queued": manager.queue.waiting,
+        "runner": manager.settings.runner,
+        "workers": await manager.workers(),
     }
     return json_response(json.dumps(doc).encode())
 

@@ -2,8 +2,8 @@
 
 A runner runs one job once: it reports through a `RunSink` (the job started, progress, an
 image is published) and returns an `Outcome`. The manager turns those into state transitions;
-a runner never changes a job's state itself. `runner_factory` picks the implementation the
-settings ask for (today: one process per job, `ScriptRunner`).
+a runner never changes a job's state itself. `Runners` picks the implementation the
+settings ask for: a resident worker, or one process per job.
 """
 
 from __future__ import annotations
@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Final, Protocol
 
 from .jobs import ImageRecord, Job
 from .settings import Settings
 from .store import JobStore
+
+RESIDENT: Final = "resident"
+PROCESS: Final = "process"
 
 
 class RunSink(Protocol):
@@ -60,11 +63,38 @@ class Runner(Protocol):
         ...
 
 
+class Runners:
+    """Makes the runner of each job, the way the settings ask (`--runner`): a resident worker
+    (resident_runner.py), or one process per job (script_runner.py)."""
+
+    def __init__(self, settings: Settings, store: JobStore) -> None:
+        from .workers import WorkerPool
+
+        self.settings = settings
+        self.store = store
+        self.kind = settings.runner
+        self.pool = WorkerPool(settings) if settings.runner == RESIDENT else None
+
+    def __call__(self, job: Job, sink: RunSink) -> Runner:
+        if self.pool is not None:
+            from .resident_runner import ResidentRunner
+
+            return ResidentRunner(self.settings, self.store, job, sink, self.pool)
+        from .script_runner import ScriptRunner
+
+        return ScriptRunner(self.settings, self.store, job, sink)
+
+    async def describe(self) -> list[dict[str, Any]]:
+        """The workers' states, for `GET /` (none without resident workers)."""
+        return await self.pool.describe() if self.pool is not None else []
+
+    async def close(self) -> None:
+        """At shutdown, once no job runs any more."""
+        from . import pty_process
+
+        if self.pool is not None:
+            await self.pool.close()
+        await pty_process.closed()
+
+
 RunnerFactory = Callable[[Job, RunSink], Runner]
-
-
-def runner_factory(settings: Settings, store: JobStore) -> RunnerFactory:
-    """The runner the settings choose."""
-    from .script_runner import ScriptRunner
-
-    return lambda job, sink: ScriptRunner(settings, store, job, sink)

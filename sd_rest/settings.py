@@ -76,6 +76,9 @@ class Settings:
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open at once; more are closed at once
     limits: Limits = field(default_factory=Limits)
     finished_cache: int = 1024  # finished jobs kept in memory once read (the rest on disk)
+    runner: str = "resident"  # or "process": one fresh process per job (runners.py)
+    worker_max_jobs: int = 100  # a resident worker is replaced after this many jobs
+    worker_idle_seconds: float = 600.0  # and after being idle this long (memory back to the OS)
 
     def checkpoint(self, model: Model) -> Path:
         if model is Model.TEXT_TO_IMAGE:

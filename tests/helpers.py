@@ -106,6 +106,12 @@ class Server:
     log_path: Path | None = None
     debug_log: bool = False  # log sd_rest's DEBUG records too (what it saw and let go quietly)
 
+    @property
+    def runner(self) -> str:
+        """How this server runs jobs: "resident" (the default) or "process"."""
+        args = self.args
+        return args[args.index("--runner") + 1] if "--runner" in args else "resident"
+
     def command(self) -> list[str]:
         cert, key, _ = self.certs
         start = ["-c", DEBUG_LOG_START] if self.debug_log else ["-m", "sd_rest"]
@@ -312,6 +318,19 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
     wait_until(
         lambda: not any(process_running(pid) for pid in pids),
         f"script processes {pids} to end",
+        timeout,
+    )
+
+
+def wait_script_ended(server: Server, pids: list[int], timeout: float = 10.0) -> None:
+    """The job's script has ended: its process is gone (one process per job), or its resident
+    worker is idle again, ready for the next job (the worker lives on)."""
+    if server.runner == "process":
+        wait_gone(pids, timeout)
+        return
+    wait_until(
+        lambda: all(w["state"] == "idle" for w in server.get("/").json()["workers"]),
+        "the resident worker to be idle again",
         timeout,
     )
 

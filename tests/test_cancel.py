@@ -13,7 +13,7 @@ from helpers import (
     read_jsonl,
     read_sidecar,
     script_pids,
-    wait_gone,
+    wait_script_ended,
     wait_until,
 )
 
@@ -73,8 +73,9 @@ def test_cancel_a_finished_job_changes_nothing(make_server) -> None:
     assert read_sidecar(server.output, url)["status"] == "COMPLETE"
 
 
+@pytest.mark.parametrize("runner", ["resident", "process"])
 def test_cancel_a_running_job_ends_its_script_and_keeps_its_images(
-    make_server, argv_log: Path, tmp_path: Path
+    make_server, argv_log: Path, tmp_path: Path, runner: str
 ) -> None:
     events = tmp_path / "events.jsonl"
     env = {
@@ -82,7 +83,7 @@ def test_cancel_a_running_job_ends_its_script_and_keeps_its_images(
         "SD_SIM_EVENT_LOG": str(events),
         "SD_SIM_STEP_SECONDS": "0.05",
     }
-    server = make_server(env=env)
+    server = make_server(env=env, args=["--runner", runner])
     params = {**PARAMS, "steps": "6"}
     url = server.post_form("text-to-image", params).headers["Location"]
     wait_until(
@@ -100,7 +101,7 @@ def test_cancel_a_running_job_ends_its_script_and_keeps_its_images(
     kept = len(doc["imageUrls"])
     assert 1 <= kept < 3  # image 1 at least; image 3 was far off
     assert doc["imageUrls"] == [f"{url}/{n}.png" for n in range(1, kept + 1)]
-    wait_gone([pid])
+    wait_script_ended(server, [pid])
     sidecar = read_sidecar(server.output, url)
     assert (sidecar["status"], sidecar["pid"], len(sidecar["images"])) == ("CANCELED", None, kept)
     assert not (job_folder(server.output, url) / "run").exists()

@@ -19,6 +19,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from helpers import (
     process_running,
     read_sidecar,
     script_pids,
-    wait_gone,
+    wait_script_ended,
     wait_until,
 )
 
@@ -128,7 +129,7 @@ def test_a_disk_that_fills_while_a_job_runs(make_server, small_disk: Path, tmp_p
     assert doc["status"] == "FAILED", doc
     assert doc["error"].startswith(DISK_FULL), doc["error"]
     assert doc["imageUrls"] == [f"{url}/1.png"]
-    wait_gone(script_pids(argv_log, url))
+    wait_script_ended(server, script_pids(argv_log, url))
     assert server.get("/").json()["running"] == 0
     # While the disk stays full: new jobs are refused, DELETE answers, finished jobs stand.
     refused = server.post_form("text-to-image", {**PARAMS, "prompt": "another"})
@@ -259,10 +260,12 @@ WRITES = [
 ]
 
 
+@pytest.mark.parametrize("runner", ["resident", "process"])
 @pytest.mark.parametrize(("kind", "at"), WRITES, ids=[f"{k}-{n}" for k, n in WRITES])
 def test_an_oserror_at_each_write_never_strands_the_job(
     kind: str,
     at: int,
+    runner: str,
     disk: Callable[[str, int], FullDisk],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -273,7 +276,7 @@ def test_an_oserror_at_each_write_never_strands_the_job(
     full = disk(kind, at)
 
     async def scenario() -> None:
-        manager = JobManager(settings(tmp_path))
+        manager = JobManager(replace(settings(tmp_path), runner=runner))
         await manager.start(manager.recover())
         endpoint, uploads, inputs = "text-to-image", {}, {}
         if kind == "input":
@@ -299,8 +302,13 @@ def test_an_oserror_at_each_write_never_strands_the_job(
             return
         await until(lambda: job.status.finished, "the job to end", timeout=30)
         assert full.refused > 0, "the fault was never reached"
-        pids = [r["pid"] for r in _argv_runs(tmp_path)]
-        await until(lambda: not any(process_running(p) for p in pids), "its script to end")
+        if runner == "process":
+            pids = [r["pid"] for r in _argv_runs(tmp_path)]
+            await until(lambda: not any(process_running(p) for p in pids), "its script to end")
+        else:
+            # The script ended inside its worker, which stays for the next job.
+            workers = await manager.workers()
+            assert all(w["state"] == "idle" for w in workers), workers  # none, if never begun
         if job.status is Status.COMPLETE:
             assert (kind, at) == ("sidecar", 6)  # only the outcome's own write came after
         else:

@@ -84,9 +84,7 @@ def test_complete_needs_every_image() -> None:
 
 def test_images_are_published_in_order() -> None:
     subject = job(Status.IN_PROGRESS, images=1)
-    skipped = Change(
-        Transition.PUBLISH, {"images": (*subject.images, ImageRecord(3, 42, 2, "ef"))}
-    )
+    skipped = Change(Transition.PUBLISH, {"images": (*subject.images, ImageRecord(3, 42, 2, "ef"))})
     with pytest.raises(IllegalTransition, match="image 3 out of order"):
         lifecycle.applied(subject, skipped)
     after = lifecycle.applied(subject, lifecycle.publish(subject, ImageRecord(2, 42, 2, "ef")))

@@ -67,9 +67,10 @@ def test_a_job_runs_through_every_event_in_order(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_cancel_while_queued_and_while_running(tmp_path: Path) -> None:
+@pytest.mark.parametrize("runner", ["resident", "process"])
+def test_cancel_while_queued_and_while_running(tmp_path: Path, runner: str) -> None:
     async def scenario() -> None:
-        manager = JobManager(settings(tmp_path / "output"))
+        manager = JobManager(settings(tmp_path / "output", runner=runner))
         await manager.start(manager.recover())
         os.environ["SD_SIM_STEP_SECONDS"] = "0.2"
         try:
@@ -83,7 +84,11 @@ def test_cancel_while_queued_and_while_running(tmp_path: Path) -> None:
             await manager.cancel(running)
             assert running.status is Status.CANCELED
             assert time.monotonic() - started_at < 1.5
-            assert not process_running(pid)
+            if runner == "process":
+                assert not process_running(pid)
+            else:  # the script ended inside the worker, which serves on
+                (worker,) = await manager.workers()
+                assert worker["state"] == "idle" and process_running(pid)
             assert len(running.images) == 1  # kept
             assert (await manager.cancel(running)).status is Status.CANCELED  # idempotent
         finally:
@@ -105,7 +110,8 @@ STUBBORN = """\
 def test_a_script_deaf_to_sigterm_is_killed_soon_after_a_cancel(tmp_path: Path) -> None:
     async def scenario() -> None:
         repo = stand_in_repository(tmp_path, STUBBORN)
-        manager = JobManager(settings(tmp_path / "output", repository=repo))
+        config = settings(tmp_path / "output", repository=repo, runner="process")
+        manager = JobManager(config)
         await manager.start(manager.recover())
         job = await manager.submit("text-to-image", text_params(), {}, {})
         pid = await started(manager, job, says="Loading model")  # its signals are set by then
@@ -124,7 +130,9 @@ def test_shutdown_kills_a_deaf_script_after_the_grace_and_requeues_its_job(
 ) -> None:
     async def scenario() -> None:
         repo = stand_in_repository(tmp_path, STUBBORN)
-        config = settings(tmp_path / "output", repository=repo, shutdown_grace=0.3)
+        config = settings(
+            tmp_path / "output", repository=repo, shutdown_grace=0.3, runner="process"
+        )
         manager = JobManager(config)
         await manager.start(manager.recover())
         job = await manager.submit("text-to-image", text_params(), {}, {})
@@ -139,11 +147,12 @@ def test_shutdown_kills_a_deaf_script_after_the_grace_and_requeues_its_job(
     asyncio.run(scenario())
 
 
-def test_an_interpreter_that_cannot_start_fails_the_job(tmp_path: Path) -> None:
+@pytest.mark.parametrize("runner", ["resident", "process"])
+def test_an_interpreter_that_cannot_start_fails_the_job(tmp_path: Path, runner: str) -> None:
     async def scenario() -> None:
         python = tmp_path / "python"
         python.write_text("not a program")  # there, but not executable
-        manager = JobManager(settings(tmp_path / "output", python=python))
+        manager = JobManager(settings(tmp_path / "output", python=python, runner=runner))
         await manager.start(manager.recover())
         job = await manager.submit("text-to-image", text_params(), {}, {})
         await until(lambda: job.status.finished, "the job to fail")
@@ -170,10 +179,13 @@ def test_an_interpreter_that_cannot_start_fails_the_job(tmp_path: Path) -> None:
     ],
     ids=["exit-0-without-images", "its-own-full-disk"],
 )
-def test_how_a_script_ended_is_the_error(tmp_path: Path, script: str, error: str) -> None:
+@pytest.mark.parametrize("runner", ["resident", "process"])
+def test_how_a_script_ended_is_the_error(
+    tmp_path: Path, script: str, error: str, runner: str
+) -> None:
     async def scenario() -> None:
         repo = stand_in_repository(tmp_path, script)
-        manager = JobManager(settings(tmp_path / "output", repository=repo))
+        manager = JobManager(settings(tmp_path / "output", repository=repo, runner=runner))
         await manager.start(manager.recover())
         job = await manager.submit("text-to-image", text_params(), {}, {})
         await until(lambda: job.status.finished, "the job to fail")

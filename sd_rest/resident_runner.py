@@ -1,0 +1,107 @@
+"""The second runner: the job's unmodified script run as `__main__` in a resident worker
+(workers.py), which keeps the imports and the model loaded between jobs."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+from .endpoints import ENDPOINTS
+from .exits import ScriptExit
+from .job_run import JobRun
+from .jobs import Job
+from .progress import ProgressParser
+from .publisher import ImagePublisher
+from .runners import Outcome, OutcomeKind, RunSink
+from .scripts import plan_run
+from .settings import Settings
+from .store import JobStore
+from .workers import Finished, Worker, WorkerError, WorkerPool
+from .workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+# A worker not idle again this long after an interrupt is killed, and a fresh one started.
+WORKER_KILL_AFTER = 1.0
+
+
+class ResidentRunner(JobRun):
+    def __init__(
+        self, settings: Settings, store: JobStore, job: Job, sink: RunSink, pool: WorkerPool
+    ) -> None:
+        super().__init__(settings, store, job, sink)
+        self.pool = pool
+        self._worker: Worker | None = None
+        self._reported_start = False
+        self._retry: str | None = None  # why the run deserves a second chance, in a fresh worker
+
+    async def run(self) -> Outcome:
+        outcome = await super().run()
+        if outcome.kind is OutcomeKind.FAILED and self._retry and not self._interrupted:
+            log.warning(
+                "job %s/%s: %s; running it once more in a fresh worker",
+                self.job.endpoint,
+                self.job.id,
+                self._retry,
+            )
+            # A second run, resumed by the usual rules: the images made so far are kept.
+            self._retry = None
+            self.plan = plan_run(self.job.params, self.job.total_images, len(self.job.images))
+            self.parser = ProgressParser()
+            outcome = await super().run()
+            self._retry = None
+        return outcome
+
+    @property
+    def _interrupted(self) -> bool:
+        return self._canceled or self._stopping or self._fault is not None
+
+    def _end(self, first: signal.Signals, kill_after: float) -> None:
+        # Whatever the signal asked of a script, a worker gets an interrupt: SIGINT becomes a
+        # KeyboardInterrupt in the script and leaves the worker serving; SIGTERM would end it.
+        worker = self._worker
+        if worker is None:
+            return
+        worker.interrupt()
+        self._kill_later(max(kill_after, WORKER_KILL_AFTER), worker.signal_kill)
+
+    async def _started(self, pid: int | None) -> None:
+        if self._reported_start:  # a second run of the same job: it has started already
+            self._end_as_asked()
+            return
+        self._reported_start = True
+        await super()._started(pid)
+
+    async def _execute(self, workspace: Workspace, publisher: ImagePublisher) -> ScriptExit | str:
+        endpoint = ENDPOINTS[self.job.endpoint]
+        try:
+            worker = await self.pool.acquire()
+        except WorkerError as exc:
+            workspace.log.write(f"could not start a worker: {exc}\n".encode())
+            return str(exc)
+        self._worker = worker
+        try:
+            await self._started(worker.pid)
+            finished = await worker.run(
+                self.job.id,
+                self.settings.repository / endpoint.script,
+                workspace.argv[2:],  # after the interpreter and the script
+                workspace.folders.cwd,
+                endpoint.start_seed(self.plan),
+                lambda data: self._output(data, workspace, publisher),
+            )
+        finally:
+            self._worker = None
+            self.pool.release(worker)
+        self._retry = _second_chance(finished)
+        return finished.ended
+
+
+def _second_chance(finished: Finished) -> str | None:
+    """Why a failed run should be tried once more in a fresh worker: the worker ran out of
+    memory, or died under it (the system kills a process that runs out)."""
+    if finished.oom:
+        return "the worker ran out of memory"
+    if finished.died is not None:
+        return f"its worker died ({finished.died.describe()})"
+    return None
