@@ -11,7 +11,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from . import lifecycle, pty_process
 from .disk import format_size, free_bytes, is_disk_full, job_bytes
@@ -65,6 +65,7 @@ class JobManager:
         self.recovery = Recovery(self.store)
         self.runners = runners or runner_factory(settings, self.store)
         self.queue = JobQueue(settings.concurrency, settings.max_queue, self._run)
+        self.queue.on_moved = self._moved
         self._running: dict[Key, tuple[Runner, asyncio.Future[None]]] = {}
         self._submitting: dict[Key, asyncio.Lock] = {}
         self._last_seq = 0
@@ -116,6 +117,18 @@ class JobManager:
             await self._sweeper
         await self.store.close()
         await pty_process.closed()
+
+    def _moved(self, moves: Iterable[tuple[Job, int]]) -> None:
+        # A waiting job's position is part of its status: a move is a change clients see.
+        for job, position in moves:
+            self.events.emit(job, "moved", position)
+
+    def position(self, job: Job) -> int | None:
+        """Where a job that reads QUEUED stands (1 = next, 0 = its run is starting); None for
+        any other job."""
+        if job.public_status() is not Status.QUEUED:
+            return None
+        return self.queue.position(job)
 
     # --- requests ---------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from .bodies import clip, read_body
 from .endpoints import ENDPOINTS
 from .errors import ApiError
 from .jobs import Job
+from .listing import list_jobs, parse_query
 from .manager import JobManager
 from .validation import validate_params
 
@@ -53,6 +54,7 @@ def add_routes(app: web.Application) -> None:
     Methods are added per resource so that a wrong method is a 405 and an unknown path a 404.
     """
     _resource(app, "/", {"GET": index})
+    _resource(app, "/jobs", {"GET": jobs})
     for endpoint in ENDPOINTS:
         _resource(app, f"/{endpoint}", {"POST": _submit_handler(endpoint)})
         _resource(
@@ -109,6 +111,14 @@ async def index(request: web.Request) -> web.Response:
     return json_response(json.dumps(doc).encode())
 
 
+# --- the listing ------------------------------------------------------------------------------
+
+
+async def jobs(request: web.Request) -> web.Response:
+    query = parse_query(request.query.items())
+    return json_response(await list_jobs(request.app[MANAGER], query))
+
+
 # --- jobs ----------------------------------------------------------------------------------
 
 
@@ -123,7 +133,7 @@ async def _job(request: web.Request, endpoint: str) -> Job:
 def _status_handler(endpoint: str) -> Handler:
     async def status(request: web.Request) -> web.Response:
         job = await _job(request, endpoint)
-        return json_response(job.status_body())
+        return json_response(job.status_body(request.app[MANAGER].position(job)))
 
     return status
 
@@ -131,8 +141,9 @@ def _status_handler(endpoint: str) -> Handler:
 def _cancel_handler(endpoint: str) -> Handler:
     async def cancel(request: web.Request) -> web.Response:
         job = await _job(request, endpoint)
-        await request.app[MANAGER].cancel(job)
-        return json_response(job.status_body())
+        manager = request.app[MANAGER]
+        await manager.cancel(job)
+        return json_response(job.status_body(manager.position(job)))
 
     return cancel
 
@@ -197,6 +208,7 @@ def _submit_handler(endpoint: str) -> Handler:
             None, ENDPOINTS[endpoint].prepare_inputs, uploads
         )
         job = await manager.submit(endpoint, params, uploads, inputs)
-        return json_response(job.status_body(), status=303, headers={"Location": job.result_url})
+        body = job.status_body(manager.position(job))
+        return json_response(body, status=303, headers={"Location": job.result_url})
 
     return submit
