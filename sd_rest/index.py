@@ -33,7 +33,7 @@ from typing import Any, Final, TypeVar
 from .endpoints import ENDPOINTS
 from .jobs import Job, Status
 from .layout import ID_RE, SIDECAR, Key, Layout
-from .listing import Place, Row, dumps, job_item
+from .listing import IndexClosed, Place, Row, dumps, job_item
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class JobIndex:
         self._was_clean = False  # closed in order by the last server that used it
         self._unwritten: dict[Key, NewRow | None] = {}  # writes SQLite refused, retried
         self._closed = False
+        self.reconciling: Future[int] | None = None
 
     # --- what the store and recovery call (any thread; never blocks) -------------------
 
@@ -85,7 +86,8 @@ class JobIndex:
     def reconcile(self) -> Future[int]:
         """Bring the index in line with the job folders (see the module's docstring); the
         future gives how many sidecars were read."""
-        return self._submit(self._reconcile)
+        self.reconciling = self._submit(self._reconcile)
+        return self.reconciling
 
     async def page(
         self, statuses: Iterable[Status], endpoints: Iterable[str], after: Place | None, limit: int
@@ -95,6 +97,10 @@ class JobIndex:
         values = sorted(status.value for status in statuses)
         future = self._submit(self._page, values, sorted(endpoints), after, limit)
         return await asyncio.wrap_future(future)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         """Write what is left, mark the file as closed in order, stop the thread (blocking)."""
@@ -106,6 +112,12 @@ class JobIndex:
         self._thread.shutdown(wait=True)
 
     def _submit(self, function: Callable[..., T], *args: Any) -> Future[T]:
+        if self._closed:
+            # A change after the store closed (a request the server is still finishing): its
+            # sidecar's new mtime makes the next start read it again.
+            future: Future[T] = Future()
+            future.set_exception(IndexClosed("the job index is closed: the server is stopping"))
+            return future
         return self._thread.submit(self._guarded, function, *args)
 
     def _guarded(self, function: Callable[..., T], *args: Any) -> T:
@@ -203,17 +215,24 @@ class JobIndex:
         self, statuses: list[str], endpoints: list[str], after: Place | None, limit: int
     ) -> list[Row]:
         db = self._connection()
-        where = [
-            f"status IN ({','.join('?' * len(statuses))})",
-            f"endpoint IN ({','.join('?' * len(endpoints))})",
-        ]
-        args: list[Any] = [*statuses, *endpoints]
+        # One status: its index gives the rows in order. Otherwise the newest-first index is
+        # walked and the rows filtered (`+column` keeps SQLite from choosing an index on that
+        # column and sorting every matching row for each page).
+        where: list[str] = []
+        args: list[Any] = []
+        if len(statuses) < len(Status):
+            column = "status" if len(statuses) == 1 else "+status"
+            where.append(f"{column} IN ({','.join('?' * len(statuses))})")
+            args.extend(statuses)
+        if len(endpoints) < len(ENDPOINTS):
+            where.append(f"+endpoint IN ({','.join('?' * len(endpoints))})")
+            args.extend(endpoints)
         if after is not None:
             where.append("(created, endpoint, id) < (?, ?, ?)")
             args.extend(after)
         sql = (
-            "SELECT created, endpoint, id, status, item FROM jobs WHERE "
-            + " AND ".join(where)
+            "SELECT created, endpoint, id, status, item FROM jobs"
+            + (" WHERE " + " AND ".join(where) if where else "")
             + " ORDER BY created DESC, endpoint DESC, id DESC LIMIT ?"
         )
         rows = db.execute(sql, [*args, limit]).fetchall()

@@ -166,6 +166,10 @@ def decode_cursor(text: str) -> Place:
 # --- the page ------------------------------------------------------------------------------
 
 
+class IndexClosed(Exception):
+    """The index was closed: the server is stopping."""
+
+
 @dataclass(frozen=True)
 class Row:
     """One job as the index holds it: the item JSON as of its last change."""
@@ -191,12 +195,17 @@ async def list_jobs(manager: JobManager, query: ListQuery) -> bytes:
     their items come from there (live progress, current position); finished ones are the
     index's JSON as it is."""
     index = manager.store.index
+    if index.closed:
+        raise ApiError(503, "shutting_down", "the server is shutting down")
     stored = query.stored_statuses()
     items: list[tuple[Place, str]] = []
     after = query.after
     while len(items) <= query.limit:
         want = query.limit + 1 - len(items)
-        rows = await index.page(stored, query.endpoints, after, want)
+        try:
+            rows = await index.page(stored, query.endpoints, after, want)
+        except IndexClosed:
+            raise ApiError(503, "shutting_down", "the server is shutting down") from None
         for row in rows:
             text = _item_text(manager, row, query.statuses)
             if text is not None:

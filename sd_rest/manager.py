@@ -5,6 +5,7 @@ them durable and visible, runners run."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -92,6 +93,11 @@ class JobManager:
         self._sweeper = asyncio.get_running_loop().run_in_executor(None, self._sweep)
 
     def _sweep(self) -> None:
+        reconciling = self.store.index.reconciling
+        if reconciling is not None:
+            # The first listing waits for the index's check of the folders: let it run first
+            # (both read every folder; together they take turns at the GIL for seconds).
+            concurrent.futures.wait([reconciling])
         try:
             quarantined = self.recovery.sweep(self._stop_sweep)
         except Exception:  # a check in the background must not take the server down
