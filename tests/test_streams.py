@@ -124,11 +124,19 @@ def test_a_job_from_queued_to_complete(server: Server, endpoint: str) -> None:
     assert all(e.retry is None for e in run)
 
 
-def test_canceled_while_running_and_while_queued(server: Server) -> None:
-    running = post(
-        server, "text-to-image", {"prompt": f"cancel me {time.time_ns()}", "steps": "250"}
-    )
-    waiting = post(server, "text-to-image", {"prompt": f"cancel me too {time.time_ns()}"})
+def submission(endpoint: str, steps: int, name: str) -> tuple[dict[str, str], dict | None]:
+    """Fields and files of a job of `endpoint` with `steps`, distinct by `name`."""
+    fields, files, _ = SUBMISSIONS[endpoint]
+    changed = {**fields, "steps": str(steps), "seed": str(time.time_ns() % 10**9)}
+    if "prompt" in fields:
+        changed["prompt"] = f"{name} {time.time_ns()}"
+    return changed, files
+
+
+@pytest.mark.parametrize("endpoint", list(SUBMISSIONS))
+def test_canceled_while_running_and_while_queued(server: Server, endpoint: str) -> None:
+    running = post(server, endpoint, *submission(endpoint, 250, "cancel me"))
+    waiting = post(server, endpoint, *submission(endpoint, 4, "cancel me too"))
     with (
         EventStream(server, f"{running}/events") as one,
         EventStream(server, f"{waiting}/events") as two,
@@ -145,21 +153,35 @@ def test_canceled_while_running_and_while_queued(server: Server) -> None:
         rest = one.rest()
     assert rest[-1].event == "canceled" and rest[-1].data["status"] == "CANCELED"
     assert set(names(rest[:-1])) <= {"progress", "image"}
+    check_item(server, running, rest[-1].data)
 
 
-def test_a_failed_job(make_server: Callable[..., Server]) -> None:
-    failing = make_server(env={"SD_SIM_FAIL_AT_STEP": "3", "SD_SIM_LOAD_SECONDS": "0.6"})
-    url = post(failing, "text-to-image", {"prompt": "doomed", "steps": "6"})
+@pytest.fixture(scope="module")
+def failing(tmp_path_factory: pytest.TempPathFactory, certs: tuple[str, str, str]) -> Server:
+    """Every script fails at its third sampler step, after a load long enough to connect."""
+    output = tmp_path_factory.mktemp("failing") / "output"
+    env = {"SD_SIM_FAIL_AT_STEP": "3", "SD_SIM_LOAD_SECONDS": "0.6"}
+    started = Server(output=output, certs=certs, env=env).start()
+    yield started
+    if started.process is not None and started.process.poll() is None:
+        started.kill()
+
+
+@pytest.mark.parametrize("endpoint", list(SUBMISSIONS))
+def test_a_failed_job(failing: Server, endpoint: str) -> None:
+    fields, files = submission(endpoint, 6, "doomed")
+    url = post(failing, endpoint, fields, files)
     with EventStream(failing, f"{url}/events") as stream:
         events = stream.rest()
     # Taken by the worker at once: the snapshot says it is starting (position 0).
     assert events[0].event == "snapshot" and events[0].data["position"] == 0
     assert names(events[1:2]) == ["started"]
     assert events[-1].event == "failed"
+    assert set(names(events[2:-1])) <= {"progress"}
     assert "RuntimeError" in events[-1].data["error"]
     check_item(failing, url, events[-1].data)
     # Posted again, it is queued anew and its stream starts over.
-    post(failing, "text-to-image", {"prompt": "doomed", "steps": "6"})
+    post(failing, endpoint, fields, files)
     with EventStream(failing, f"{url}/events") as stream:
         again = stream.rest()
     assert again[0].event == "snapshot" and again[-1].event == "failed"
