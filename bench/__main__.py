@@ -1,8 +1,9 @@
 """`python -m bench`: run the benchmarks and print a table (Markdown, so it can be pasted).
 
 Options: --quick (tiny sizes: the smoke test's), --only NAME[,NAME] (post, get, lag, overhead,
-restart, connections), --load-generator auto|wrk|python, --json PATH (every figure,
-machine-readable), --workdir DIR (kept afterwards; default: a temporary folder, removed).
+restart, connections, eventlag, streams, listing), --load-generator auto|wrk|python, --json PATH
+(every figure, machine-readable), --workdir DIR (kept afterwards; default: a temporary folder,
+removed).
 Exit status 1 if a measure could not be taken; a missed target is reported, not an error.
 """
 
@@ -18,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from . import connections, get_throughput, lag, overhead, post_latency, restart
+from . import connections, get_throughput, lag, listing, overhead, post_latency, restart, streams
 from .common import FULL, QUICK, Result, Sizes, machine_description, make_certificate
 
 Measure = Callable[[Path, tuple[Path, Path], Sizes, argparse.Namespace], list[Result]]
@@ -30,6 +31,9 @@ MEASURES: dict[str, Measure] = {
     "overhead": lambda w, c, s, _o: overhead.measure(w, c, s),
     "restart": lambda w, c, s, _o: restart.measure(w, c, s),
     "connections": lambda w, c, s, _o: connections.measure(w, c, s),
+    "eventlag": lambda w, c, s, _o: streams.measure_lag(w, c, s),
+    "streams": lambda w, c, s, o: streams.measure_fanout(w, c, s, o.load_generator),
+    "listing": lambda w, c, s, _o: listing.measure(w, c, s),
 }
 
 

@@ -45,6 +45,8 @@ class Sizes:
     bare_baseline: bool = True  # also measure a bare aiohttp handler, for scale
     connection_count: int = 300  # TLS connections held at once, per round
     connection_rounds: int = 5
+    stream_clients: int = 1000  # event streams held on one running job
+    listing_pages: int = 200  # pages of each kind timed
 
 
 FULL = Sizes()
@@ -64,6 +66,8 @@ QUICK = Sizes(
     bare_baseline=False,
     connection_count=10,
     connection_rounds=1,
+    stream_clients=20,
+    listing_pages=10,
 )
 
 
@@ -389,9 +393,19 @@ def machine_description() -> dict[str, str]:
         "memory": _memory(),
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
+        "aiohttp-sse": _version("aiohttp-sse"),
         "openssl": ssl.OPENSSL_VERSION,
         "wrk": wrk_version() or "not installed",
     }
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def _cpu_model() -> str:

@@ -14,6 +14,7 @@ import hmac
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -22,8 +23,18 @@ from aiohttp import web
 from .bodies import MAX_BODY_BYTES, first_line
 from .errors import ApiError
 from .manager import JobManager
-from .routes import CORS_HEADERS, MANAGER, OUTPUT_ROOT, add_routes, error_response
+from .routes import (
+    CORS_HEADERS,
+    MANAGER,
+    OUTPUT_ROOT,
+    STREAM_ROUTES,
+    TOKEN_KEY,
+    add_routes,
+    error_response,
+)
 from .settings import Limits
+from .streams import HUB, STREAM_PING, EventHub
+from .tokens import token_key, token_valid
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +124,23 @@ async def add_cors(request: web.BaseRequest, response: web.StreamResponse) -> No
 
 
 def api_key_middleware(key: str) -> Middleware:
-    """Every request but a CORS preflight needs `Authorization: Bearer <key>`.
+    """Every request but a CORS preflight needs `Authorization: Bearer <key>`; an event
+    stream may instead carry a stream token (`?token=`, tokens.py) in its URL.
 
     The digests are compared, not the strings: constant time, and it does not leak the length.
     """
     expected = hashlib.sha256(key.encode()).digest()
+    signing = token_key(key)
 
     @web.middleware
     async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method != "OPTIONS":
             scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
             given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
-            if not (hmac.compare_digest(given, expected) and scheme.lower() == "bearer"):
+            if not (
+                (hmac.compare_digest(given, expected) and scheme.lower() == "bearer")
+                or _stream_token(request, signing)
+            ):
                 error = ApiError(
                     401, "unauthorized", "send the API key as 'Authorization: Bearer <key>'"
                 )
@@ -132,6 +148,12 @@ def api_key_middleware(key: str) -> Middleware:
         return await handler(request)
 
     return require_api_key
+
+
+def _stream_token(request: web.Request, signing: bytes) -> bool:
+    if request.method != "GET" or request.match_info.route.name not in STREAM_ROUTES:
+        return False
+    return token_valid(signing, request.query.get("token"), time.time())
 
 
 def connection_args(limits: Limits) -> dict[str, Any]:
@@ -162,6 +184,13 @@ def create_app(manager: JobManager) -> web.Application:
     )
     app[MANAGER] = manager
     app[OUTPUT_ROOT] = manager.store.output.resolve()
+    app[TOKEN_KEY] = token_key(manager.settings.api_key)
+    hub = EventHub(manager, manager.settings.limits.stream_buffer)
+    app[HUB] = hub
+    app[STREAM_PING] = manager.settings.limits.stream_ping
+    # Before aiohttp waits for handlers to end: streams end cleanly, after the last events
+    # (server.py stops the manager first, so jobs put back in the queue are announced).
+    app.on_shutdown.append(hub.close)
     app.on_response_prepare.append(add_cors)
     add_routes(app)
     return app

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,10 @@ Key = tuple[str, str]
 @dataclass(frozen=True, slots=True)
 class JobEvent:
     """`kind`: queued, started, progress, image, complete, failed or canceled (the state
-    machine's event names, and progress). `id` increases across all jobs."""
+    machine's event names, and progress), or moved (its place in the queue changed: `data` is
+    the new position, 0 once a worker took it). `id` increases across all jobs, and across
+    restarts: it starts from the clock (microseconds), so that an id a client kept from an
+    earlier run of the server is never taken for one of this run's."""
 
     id: int
     kind: str
@@ -31,8 +35,9 @@ Listener = Callable[[JobEvent], None]
 
 
 class JobEvents:
-    def __init__(self) -> None:
-        self._ids = itertools.count(1)
+    def __init__(self, first_id: int | None = None) -> None:
+        self.first_id = time.time_ns() // 1000 if first_id is None else first_id
+        self._ids = itertools.count(self.first_id)
         self._waiters: dict[Key, list[asyncio.Future[None]]] = {}
         self._listeners: list[Listener] = []
 

@@ -79,6 +79,7 @@ class Job:
     progress: tuple[int, float] | None = field(default=None, repr=False)
     version: int = field(default=0, repr=False)  # bumped by every change a client can see
     _status_body: bytes | None = field(default=None, repr=False)
+    _body_position: int | None = field(default=None, repr=False)  # what _status_body shows
     _lock: asyncio.Lock | None = field(default=None, repr=False)
 
     @property
@@ -120,7 +121,8 @@ class Job:
             return Status.QUEUED
         return self.status
 
-    def status_document(self) -> dict[str, Any]:
+    def status_document(self, position: int | None = None) -> dict[str, Any]:
+        """`position`: where the job stands in the queue, shown while it reads QUEUED."""
         status = self.public_status()
         doc: dict[str, Any] = {"status": status.value, "resultUrl": self.result_url}
         if status is Status.IN_PROGRESS and self.progress is not None:  # always, then
@@ -133,12 +135,16 @@ class Job:
         doc["imageUrls"] = [f"{self.result_url}/{image.n}.png" for image in self.images]
         if status is Status.FAILED:
             doc["error"] = self.error or "the script failed"
+        if status is Status.QUEUED and position is not None:
+            doc["position"] = position
         return doc
 
-    def status_body(self) -> bytes:
+    def status_body(self, position: int | None = None) -> bytes:
         """The status JSON, serialised once per change: status GETs are the hot path."""
-        if self._status_body is None:
-            self._status_body = json.dumps(self.status_document(), separators=(",", ":")).encode()
+        if self._status_body is None or position != self._body_position:
+            doc = self.status_document(position)
+            self._status_body = json.dumps(doc, separators=(",", ":")).encode()
+            self._body_position = position
         return self._status_body
 
     # --- the sidecar ------------------------------------------------------------------

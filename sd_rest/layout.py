@@ -7,6 +7,7 @@
 <endpoint>/<id>/<n>.png      published images
 .queue/<endpoint>.<id>       marker: this job is not finished yet
 .quarantine/                 job folders whose sidecar could not be read
+.index.sqlite3               the job index for GET /jobs (index.py), derived from the sidecars
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class Layout:
     @property
     def quarantine_dir(self) -> Path:
         return self.output / ".quarantine"
+
+    @property
+    def index_file(self) -> Path:
+        return self.output / ".index.sqlite3"
 
     def endpoint_dir(self, endpoint: str) -> Path:
         return self.output / endpoint

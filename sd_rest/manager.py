@@ -5,13 +5,14 @@ them durable and visible, runners run."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from . import lifecycle, pty_process
@@ -66,6 +67,7 @@ class JobManager:
         self.recovery = Recovery(self.store)
         self.runners: Runners | RunnerFactory = runners or Runners(settings, self.store)
         self.queue = JobQueue(settings.concurrency, settings.max_queue, self._run)
+        self.queue.on_moved = self._moved
         self._running: dict[Key, tuple[Runner, asyncio.Future[None]]] = {}
         self._submitting: dict[Key, asyncio.Lock] = {}
         self._last_seq = 0
@@ -92,6 +94,11 @@ class JobManager:
         self._sweeper = asyncio.get_running_loop().run_in_executor(None, self._sweep)
 
     def _sweep(self) -> None:
+        reconciling = self.store.index.reconciling
+        if reconciling is not None:
+            # The first listing waits for the index's check of the folders: let it run first
+            # (both read every folder; together they take turns at the GIL for seconds).
+            concurrent.futures.wait([reconciling])
         try:
             quarantined = self.recovery.sweep(self._stop_sweep)
         except Exception:  # a check in the background must not take the server down
@@ -119,6 +126,18 @@ class JobManager:
         if isinstance(self.runners, Runners):
             await self.runners.close()
         await pty_process.closed()
+
+    def _moved(self, moves: Iterable[tuple[Job, int]]) -> None:
+        # A waiting job's position is part of its status: a move is a change clients see.
+        for job, position in moves:
+            self.events.emit(job, "moved", position)
+
+    def position(self, job: Job) -> int | None:
+        """Where a job that reads QUEUED stands (1 = next, 0 = its run is starting); None for
+        any other job."""
+        if job.public_status() is not Status.QUEUED:
+            return None
+        return self.queue.position(job)
 
     # --- requests ---------------------------------------------------------------------
 

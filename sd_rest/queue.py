@@ -1,16 +1,20 @@
-"""Waiting jobs in submission order, and `concurrency` workers that run them."""
+"""Waiting jobs in submission order, and `concurrency` workers that run them; where each
+waiting job stands (its position, 1 = next), told to `on_moved` whenever it changes."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from .jobs import Job
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
+
+
+Moved = Callable[[Iterable[tuple[Job, int]]], None]
 
 
 class QueueFull(Exception):
@@ -45,6 +49,10 @@ class JobQueue:
         self._changed = asyncio.Condition()
         self._workers: list[asyncio.Task[None]] = []
         self._closed = False
+        self._taken: set[Key] = set()  # taken by a worker, until its run returns
+        self._positions: dict[Key, int] | None = None  # made again after each change
+        # Told every job whose position changed, with the new one (0: taken by a worker).
+        self.on_moved: Moved | None = None
 
     @staticmethod
     def key(job: Job) -> Key:
@@ -56,6 +64,26 @@ class JobQueue:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    def position(self, job: Job) -> int | None:
+        """1 for the next job to start, 2 for the one after...; 0 once a worker has taken it
+        (its run is starting); None when it is not in the queue."""
+        key = self.key(job)
+        if key in self._taken:
+            return 0
+        if self._positions is None:
+            self._positions = {k: n for n, k in enumerate(self._waiting, 1)}
+        return self._positions.get(key)
+
+    def _moved(self, jobs: Iterable[tuple[Job, int]]) -> None:
+        self._positions = None
+        if self.on_moved is not None:
+            self.on_moved(jobs)
+
+    def _left(self, index: int) -> None:
+        """The job at `index` (0-based) left: every job behind it moved up by one."""
+        behind = list(self._waiting.values())[index:]
+        self._moved((job, index + n) for n, job in enumerate(behind, 1))
 
     def reserve(self) -> Place | None:
         """A place for one more job, or None when waiting and reserved places fill the queue."""
@@ -72,11 +100,18 @@ class JobQueue:
         if place is not None:
             place.release()
         self._waiting[self.key(job)] = job
+        self._moved([(job, len(self._waiting))])
         async with self._changed:
             self._changed.notify()
 
     def remove(self, job: Job) -> bool:
-        return self._waiting.pop(self.key(job), None) is not None
+        key = self.key(job)
+        if key not in self._waiting:
+            return False
+        index = list(self._waiting).index(key)
+        del self._waiting[key]
+        self._left(index)
+        return True
 
     def start(self) -> None:
         for number in range(self.concurrency):
@@ -99,7 +134,11 @@ class JobQueue:
             if self._closed:
                 return None
             key = next(iter(self._waiting))
-            return self._waiting.pop(key)
+            job = self._waiting.pop(key)
+            self._taken.add(key)
+            self._moved([(job, 0)])
+            self._left(0)
+            return job
 
     async def _worker(self) -> None:
         while True:
@@ -110,3 +149,6 @@ class JobQueue:
                 await self._run(job)
             except Exception:
                 log.exception("running %s/%s failed", job.endpoint, job.id)
+            finally:
+                self._taken.discard(self.key(job))
+                self._positions = None

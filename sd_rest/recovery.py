@@ -54,6 +54,8 @@ class Recovery:
         queued = [job for job in unfinished if self.resume(job)]
         if queued:
             log.info("resuming %d unfinished job(s)", len(queued))
+        # In the index's own thread: the first listing waits for it, serving does not.
+        self.store.index.reconcile()
         return queued
 
     def _unfinished(self) -> Iterator[Job]:

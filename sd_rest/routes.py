@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
@@ -18,7 +19,10 @@ from .bodies import clip, read_body
 from .endpoints import ENDPOINTS
 from .errors import ApiError
 from .jobs import Job
+from .listing import iso_time, list_jobs, parse_query
 from .manager import JobManager
+from .streams import HUB, stream
+from .tokens import make_token
 from .validation import validate_params
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -36,6 +40,9 @@ CORS_HEADERS: Final = {
 
 MANAGER = web.AppKey("manager", JobManager)
 OUTPUT_ROOT = web.AppKey("output_root", Path)  # the output folder with every link resolved
+TOKEN_KEY = web.AppKey("token_key", bytes)  # signs event-stream tokens (tokens.py)
+# The routes a stream token opens (api_key_middleware): the event streams, and nothing else.
+STREAM_ROUTES: Final = frozenset({"events", *(f"events-{endpoint}" for endpoint in ENDPOINTS)})
 
 
 def error_response(error: ApiError, headers: dict[str, str] | None = None) -> web.Response:
@@ -53,6 +60,9 @@ def add_routes(app: web.Application) -> None:
     Methods are added per resource so that a wrong method is a 405 and an unknown path a 404.
     """
     _resource(app, "/", {"GET": index})
+    _resource(app, "/jobs", {"GET": jobs})
+    _resource(app, "/events", {"GET": all_events}, name="events")
+    _resource(app, "/events/token", {"POST": stream_token})
     for endpoint in ENDPOINTS:
         _resource(app, f"/{endpoint}", {"POST": _submit_handler(endpoint)})
         _resource(
@@ -63,13 +73,21 @@ def add_routes(app: web.Application) -> None:
         _resource(
             app, f"/{endpoint}/{ID_PATTERN}/{IMAGE_PATTERN}", {"GET": _image_handler(endpoint)}
         )
+        _resource(
+            app,
+            f"/{endpoint}/{ID_PATTERN}/events",
+            {"GET": _events_handler(endpoint)},
+            name=f"events-{endpoint}",
+        )
 
 
-def _resource(app: web.Application, path: str, handlers: dict[str, Handler]) -> None:
-    resource = app.router.add_resource(path)
+def _resource(
+    app: web.Application, path: str, handlers: dict[str, Handler], name: str | None = None
+) -> None:
+    resource = app.router.add_resource(path, name=name)
     for method, handler in handlers.items():
         resource.add_route(method, handler, expect_handler=expect_continue)
-        if method == "GET":
+        if method == "GET" and name not in STREAM_ROUTES:  # a stream has no HEAD
             resource.add_route("HEAD", handler, expect_handler=expect_continue)
     resource.add_route("OPTIONS", preflight)
 
@@ -111,6 +129,34 @@ async def index(request: web.Request) -> web.Response:
     return json_response(json.dumps(doc).encode())
 
 
+# --- the listing and the event streams ----------------------------------------------------
+
+
+async def jobs(request: web.Request) -> web.Response:
+    query = parse_query(request.query.items())
+    return json_response(await list_jobs(request.app[MANAGER], query))
+
+
+async def all_events(request: web.Request) -> web.StreamResponse:
+    return await stream(request, request.app[HUB], None)
+
+
+def _events_handler(endpoint: str) -> Handler:
+    async def events(request: web.Request) -> web.StreamResponse:
+        job = await _job(request, endpoint)
+        return await stream(request, request.app[HUB], job)
+
+    return events
+
+
+async def stream_token(request: web.Request) -> web.Response:
+    """A token for `?token=` on the event streams (tokens.py): for EventSource, which cannot
+    send the Authorization header this request needed."""
+    token, expires = make_token(request.app[TOKEN_KEY], time.time())
+    doc = {"token": token, "expiresAt": iso_time(expires), "expiresIn": expires - int(time.time())}
+    return json_response(json.dumps(doc).encode(), headers={"Cache-Control": "no-store"})
+
+
 # --- jobs ----------------------------------------------------------------------------------
 
 
@@ -125,7 +171,7 @@ async def _job(request: web.Request, endpoint: str) -> Job:
 def _status_handler(endpoint: str) -> Handler:
     async def status(request: web.Request) -> web.Response:
         job = await _job(request, endpoint)
-        return json_response(job.status_body())
+        return json_response(job.status_body(request.app[MANAGER].position(job)))
 
     return status
 
@@ -133,8 +179,9 @@ def _status_handler(endpoint: str) -> Handler:
 def _cancel_handler(endpoint: str) -> Handler:
     async def cancel(request: web.Request) -> web.Response:
         job = await _job(request, endpoint)
-        await request.app[MANAGER].cancel(job)
-        return json_response(job.status_body())
+        manager = request.app[MANAGER]
+        await manager.cancel(job)
+        return json_response(job.status_body(manager.position(job)))
 
     return cancel
 
@@ -199,6 +246,7 @@ def _submit_handler(endpoint: str) -> Handler:
             None, ENDPOINTS[endpoint].prepare_inputs, uploads
         )
         job = await manager.submit(endpoint, params, uploads, inputs)
-        return json_response(job.status_body(), status=303, headers={"Location": job.result_url})
+        body = job.status_body(manager.position(job))
+        return json_response(body, status=303, headers={"Location": job.result_url})
 
     return submit

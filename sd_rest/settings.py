@@ -14,6 +14,8 @@ from .listener import DEFAULT_MAX_CONNECTIONS
 
 HEADER_TIMEOUT_ENV: Final = "SD_REST_HEADER_TIMEOUT"
 BODY_TIMEOUT_ENV: Final = "SD_REST_BODY_TIMEOUT"
+STREAM_PING_ENV: Final = "SD_REST_STREAM_PING"
+STREAM_BUFFER_ENV: Final = "SD_REST_STREAM_BUFFER"
 MAX_TIMEOUT: Final = 3600.0
 
 
@@ -36,6 +38,8 @@ class Limits:
     # how long an idle keep-alive connection stays open. aiohttp has one timer for both.
     header_timeout: float = 30.0
     body_timeout: float = 120.0  # to receive a whole POST body
+    stream_ping: float = 15.0  # between two comments on an idle event stream (keeps proxies)
+    stream_buffer: int = 256 * 1024  # bytes of events waiting for one stream client, at most
 
 
 def limits_from_environment(environ: Mapping[str, str]) -> Limits:
@@ -45,7 +49,18 @@ def limits_from_environment(environ: Mapping[str, str]) -> Limits:
     return Limits(
         header_timeout=_seconds(environ, HEADER_TIMEOUT_ENV, default.header_timeout),
         body_timeout=_seconds(environ, BODY_TIMEOUT_ENV, default.body_timeout),
+        stream_ping=_seconds(environ, STREAM_PING_ENV, default.stream_ping),
+        stream_buffer=_bytes(environ, STREAM_BUFFER_ENV, default.stream_buffer),
     )
+
+
+def _bytes(environ: Mapping[str, str], name: str, default: int) -> int:
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or not 1024 <= int(text) <= 2**30:
+        raise ValueError(f"{name} must be a number of bytes from 1024 to {2**30}, got {text!r}")
+    return int(text)
 
 
 def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:

@@ -33,6 +33,7 @@ from .files import (
     read_plain,
     write_atomic,
 )
+from .index import JobIndex
 from .jobs import Job
 from .layout import IMAGE_RE, INPUTS, RUN, Key, Layout
 from .quarantine import Quarantine
@@ -45,9 +46,16 @@ _UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
 
 
 class JobStore:
-    def __init__(self, layout: Layout, events: JobEvents, finished_cache: int = 1024) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        events: JobEvents,
+        finished_cache: int = 1024,
+        index: JobIndex | None = None,
+    ) -> None:
         self.layout = layout
         self.events = events
+        self.index = index or JobIndex(layout)  # every job, for GET /jobs (index.py)
         # Held while a run folder is made, a leftover one removed or a folder quarantined, so
         # that the background sweep never takes the folder of a run that has just started.
         self.folders_lock = threading.Lock()
@@ -101,9 +109,18 @@ class JobStore:
             self._live[key] = job
         return job
 
+    def unfinished(self, endpoint: str, job_id: str) -> Job | None:
+        """An unfinished job (they are all in memory), or None."""
+        job = self._live.get((endpoint, job_id))
+        return job if job is not None and not job.status.finished else None
+
+    def unfinished_jobs(self) -> list[Job]:
+        return [job for job in self._live.values() if not job.status.finished]
+
     def forget(self, endpoint: str, job_id: str) -> None:
         self._live.pop((endpoint, job_id), None)
         self._finished.pop((endpoint, job_id), None)
+        self.index.remove(endpoint, job_id)
 
     def in_memory(self, endpoint: str, job_id: str) -> bool:
         return (endpoint, job_id) in self._live or (endpoint, job_id) in self._finished
@@ -119,7 +136,7 @@ class JobStore:
         if os.path.islink(folder.parent):
             return None  # a link is never content (recovery moves such links away)
         if os.path.islink(folder):
-            self.quarantine.move(folder, "the job folder is a symbolic link", None)
+            self._quarantine(folder, "the job folder is a symbolic link", None)
             return None
         try:
             data = read_plain(folder / "job.json")
@@ -129,16 +146,20 @@ class JobStore:
             # Other errors (too many open files, I/O) are raised, not taken for a damaged job.
             if not (is_link_error(exc) or exc.errno in _UNREADABLE):
                 raise
-            self.quarantine.move(folder, f"unreadable sidecar: {exc}", None)
+            self._quarantine(folder, f"unreadable sidecar: {exc}", None)
             return None
         try:
             job = Job.from_sidecar(json.loads(data))
             if (job.endpoint, job.id) != (endpoint, job_id):
                 raise ValueError(f"sidecar names {job.endpoint}/{job.id}")
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-            self.quarantine.move(folder, f"corrupt sidecar: {exc}", data)
+            self._quarantine(folder, f"corrupt sidecar: {exc}", data)
             return None
         return job
+
+    def _quarantine(self, folder: Path, reason: str, bad: bytes | None) -> None:
+        if self.quarantine.move(folder, reason, bad):
+            self.index.remove(folder.parent.name, folder.name)
 
     # --- changes: durable first, visible after ------------------------------------------
 
@@ -150,6 +171,7 @@ class JobStore:
             await loop.run_in_executor(None, self._write_new, job, job.to_sidecar(), inputs)
         self.keep(job)
         job.invalidate()
+        self.index.put(job)
         self.events.emit(job, lifecycle.Transition.REQUEUE.event)
 
     def _write_new(self, job: Job, sidecar: dict[str, Any], inputs: dict[str, bytes]) -> None:
@@ -202,6 +224,7 @@ class JobStore:
             setattr(job, name, getattr(draft, name))
         job.invalidate()
         self.keep(job)
+        self.index.put(job)
         published = change.transition is lifecycle.Transition.PUBLISH
         self.events.emit(job, change.transition.event, job.images[-1] if published else None)
 
@@ -290,6 +313,7 @@ class JobStore:
                 "%d job state(s) could not be written: the next start resumes those jobs",
                 len(self._unsynced),
             )
+        await asyncio.get_running_loop().run_in_executor(None, self.index.close)
 
     # --- a job's files ----------------------------------------------------------------
 

@@ -54,6 +54,8 @@ def test_quick_run_takes_every_measure(tmp_path: Path) -> None:
     words_of_each = ("POST", "GETs per second", "progress lag", "image lag", "overhead", "restart")
     for words in (*words_of_each, "connections"):
         assert words in names
+    for words in ("event lag", "clients streaming", "RSS growth", "streams / without", "listing"):
+        assert words in names
     assert "memory" in names
     for result in doc["results"]:
         assert not result["figure"].startswith("error"), result

@@ -57,7 +57,17 @@ def test_a_job_runs_through_every_event_in_order(tmp_path: Path) -> None:
         await until(lambda: job.status.finished, "the job to finish")
         await manager.shutdown()
         assert job.status is Status.COMPLETE
-        assert recorder.without_progress(job) == ["queued", "started", "image", "image", "complete"]
+        assert recorder.without_progress(job) == [
+            "queued",
+            "moved",  # into the queue, at position 1
+            "moved",  # taken by the worker: position 0
+            "started",
+            "image",
+            "image",
+            "complete",
+        ]
+        moves = [e.data for e in recorder.seen if e.job is job and e.kind == "moved"]
+        assert moves == [1, 0]
         progress = [e.data for e in recorder.seen if e.job is job and e.kind == "progress"]
         assert progress == sorted(progress) and progress[-1] == (2, 1.0)
         versions = [e.id for e in recorder.seen if e.job is job]

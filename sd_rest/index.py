@@ -1,0 +1,330 @@
+"""The job index: every job on disk, in an SQLite file under the output folder
+(`<output>/.index.sqlite3`, never served), so that GET /jobs reads one page of rows instead of
+scanning job folders.
+
+Who keeps it right:
+- the store's writers: every change a client can see (store.py `add`, `_make_visible`) puts
+  the job's row; a job forgotten or quarantined has its row removed;
+- recovery, at each start (`reconcile`): the job folders are listed and every sidecar's mtime
+  compared with the row's; a folder with no row, or a sidecar changed since, is read again, and
+  rows without a folder go. After a stop that did not close the index (a crash, `kill -9`, a
+  power cut) every sidecar is read again: a row could then be older than its sidecar with
+  the same mtime.
+
+Everything runs in the index's own thread, one operation at a time and in the order asked:
+a page asked for after a change sees it, a page asked for during the start's reconciliation
+waits for it, and a reconciliation can never write a row older than a change put after it.
+The file is derived data: when it cannot be opened it is made again from the sidecars.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import stat
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Final, TypeVar
+
+from .endpoints import ENDPOINTS
+from .jobs import Job, Status
+from .layout import ID_RE, SIDECAR, Key, Layout
+from .listing import IndexClosed, Place, Row, dumps, job_item
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA: Final = "1"
+_TABLES: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    endpoint TEXT NOT NULL,
+    id TEXT NOT NULL,
+    created REAL NOT NULL,
+    status TEXT NOT NULL,
+    mtime INTEGER NOT NULL,
+    item TEXT NOT NULL,
+    PRIMARY KEY (endpoint, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS jobs_newest ON jobs (created, endpoint, id);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created, endpoint, id);
+"""
+# (endpoint, id, created, status, item): a row as the writers put it.
+NewRow = tuple[str, str, float, str, str]
+
+
+def row_of(job: Job) -> NewRow:
+    """What the index keeps of a job: its place and status, and its item as it reads now."""
+    return (job.endpoint, job.id, job.created_at, job.status.value, dumps(job_item(job)))
+
+
+class JobIndex:
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.path = layout.index_file
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="job-index")
+        self._db: sqlite3.Connection | None = None
+        self._was_clean = False  # closed in order by the last server that used it
+        self._unwritten: dict[Key, NewRow | None] = {}  # writes SQLite refused, retried
+        self._closed = False
+        self.reconciling: Future[int] | None = None
+
+    # --- what the store and recovery call (any thread; never blocks) -------------------
+
+    def put(self, job: Job) -> None:
+        row = row_of(job)
+        self._submit(self._write, [((job.endpoint, job.id), row)])
+
+    def remove(self, endpoint: str, job_id: str) -> None:
+        self._submit(self._write, [((endpoint, job_id), None)])
+
+    def reconcile(self) -> Future[int]:
+        """Bring the index in line with the job folders (see the module's docstring); the
+        future gives how many sidecars were read."""
+        self.reconciling = self._submit(self._reconcile)
+        return self.reconciling
+
+    async def page(
+        self, statuses: Iterable[Status], endpoints: Iterable[str], after: Place | None, limit: int
+    ) -> list[Row]:
+        """Up to `limit` rows with one of `statuses` and `endpoints`, newest first, from just
+        after `after`."""
+        values = sorted(status.value for status in statuses)
+        future = self._submit(self._page, values, sorted(endpoints), after, limit)
+        return await asyncio.wrap_future(future)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Write what is left, mark the file as closed in order, stop the thread (blocking)."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(RuntimeError):
+            self._thread.submit(self._close).result()
+        self._thread.shutdown(wait=True)
+
+    def _submit(self, function: Callable[..., T], *args: Any) -> Future[T]:
+        if self._closed:
+            # A change after the store closed (a request the server is still finishing): its
+            # sidecar's new mtime makes the next start read it again.
+            future: Future[T] = Future()
+            future.set_exception(IndexClosed("the job index is closed: the server is stopping"))
+            return future
+        return self._thread.submit(self._guarded, function, *args)
+
+    def _guarded(self, function: Callable[..., T], *args: Any) -> T:
+        try:
+            return function(*args)
+        except Exception:
+            log.exception("the job index failed (it is rebuilt from the job folders at start)")
+            raise
+
+    # --- in the index's thread ---------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            try:
+                self._db = self._open()
+            except sqlite3.DatabaseError as exc:
+                log.warning("the job index %s cannot be used (%s): making it again", self.path, exc)
+                self._delete_files()
+                self._db = self._open()
+        return self._db
+
+    def _open(self) -> sqlite3.Connection:
+        self.layout.output.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # A commit reaches the disk at the next checkpoint: the index is derived data, and
+            # the clean flag (below) makes the next start read every sidecar after a crash.
+            db.execute("PRAGMA synchronous=NORMAL")
+            meta = dict(self._meta(db))
+            if meta.get("schema") not in (None, SCHEMA):
+                db.executescript("DROP TABLE IF EXISTS jobs; DROP TABLE IF EXISTS meta;")
+                meta = {}
+            db.executescript(_TABLES)
+            self._was_clean = meta.get("clean") == "1"
+            # From now until close() this file may lag the sidecars: say so, durably.
+            self._set_meta(db, {"schema": SCHEMA, "clean": "0"}, durable=True)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    @staticmethod
+    def _meta(db: sqlite3.Connection) -> list[tuple[str, str]]:
+        exists = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone()
+        return list(db.execute("SELECT key, value FROM meta")) if exists else []
+
+    @staticmethod
+    def _set_meta(db: sqlite3.Connection, values: dict[str, str], durable: bool) -> None:
+        if durable:
+            db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN")
+        db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
+        db.execute("COMMIT")
+        if durable:
+            db.execute("PRAGMA synchronous=NORMAL")
+
+    def _delete_files(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.path}{suffix}")
+
+    def _write(self, changes: list[tuple[Key, NewRow | None]]) -> None:
+        self._unwritten.update(changes)
+        try:
+            db = self._connection()
+            pending = list(self._unwritten.items())
+            db.execute("BEGIN")
+            for (endpoint, job_id), row in pending:
+                if row is None:
+                    db.execute("DELETE FROM jobs WHERE endpoint = ? AND id = ?", (endpoint, job_id))
+                else:
+                    _, _, created, status, item = row
+                    mtime = _mtime(self.layout.job_dir(endpoint, job_id) / SIDECAR)
+                    db.execute(
+                        "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
+                        (endpoint, job_id, created, status, mtime, item),
+                    )
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                if self._db is not None and self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+            log.warning("could not update the job index (%s): retried with the next change", exc)
+            return
+        for key, row in pending:
+            if self._unwritten.get(key) is row:
+                del self._unwritten[key]
+
+    def _page(
+        self, statuses: list[str], endpoints: list[str], after: Place | None, limit: int
+    ) -> list[Row]:
+        db = self._connection()
+        # One status: its index gives the rows in order. Otherwise the newest-first index is
+        # walked and the rows filtered (`+column` keeps SQLite from choosing an index on that
+        # column and sorting every matching row for each page).
+        where: list[str] = []
+        args: list[Any] = []
+        if len(statuses) < len(Status):
+            column = "status" if len(statuses) == 1 else "+status"
+            where.append(f"{column} IN ({','.join('?' * len(statuses))})")
+            args.extend(statuses)
+        if len(endpoints) < len(ENDPOINTS):
+            where.append(f"+endpoint IN ({','.join('?' * len(endpoints))})")
+            args.extend(endpoints)
+        if after is not None:
+            where.append("(created, endpoint, id) < (?, ?, ?)")
+            args.extend(after)
+        sql = (
+            "SELECT created, endpoint, id, status, item FROM jobs"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY created DESC, endpoint DESC, id DESC LIMIT ?"
+        )
+        rows = db.execute(sql, [*args, limit]).fetchall()
+        return [
+            Row(created, end, id_, Status(status), item) for created, end, id_, status, item in rows
+        ]
+
+    def _reconcile(self) -> int:
+        try:
+            return self._reconcile_once()
+        except sqlite3.DatabaseError as exc:
+            log.warning("the job index %s is damaged (%s): making it again", self.path, exc)
+            self._delete_files()
+            self._was_clean = False
+            return self._reconcile_once()
+
+    def _reconcile_once(self) -> int:
+        db = self._connection()
+        trusted = self._was_clean
+        known: dict[Key, int] = {
+            (endpoint, id_): mtime
+            for endpoint, id_, mtime in db.execute("SELECT endpoint, id, mtime FROM jobs")
+        }
+        seen: set[Key] = set()
+        read = 0
+        db.execute("BEGIN")
+        for endpoint, job_id, sidecar in self._sidecars():
+            key = (endpoint, job_id)
+            mtime = _mtime(sidecar)
+            if mtime < 0:
+                continue
+            if trusted and known.get(key) == mtime:
+                seen.add(key)
+                continue
+            read += 1
+            job = _read_sidecar(sidecar, key)
+            if job is None:
+                continue  # the store quarantines it the first time it is read
+            seen.add(key)
+            endpoint_, id_, created, status, item = row_of(job)
+            db.execute(
+                "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
+                (endpoint_, id_, created, status, mtime, item),
+            )
+        gone = [key for key in known if key not in seen]
+        db.executemany("DELETE FROM jobs WHERE endpoint = ? AND id = ?", gone)
+        db.execute("COMMIT")
+        self._was_clean = True  # from now on the rows are as good as the sidecars
+        if read or gone:
+            log.info("job index: %d sidecar(s) read, %d row(s) removed", read, len(gone))
+        return read
+
+    def _sidecars(self) -> Iterable[tuple[str, str, str]]:
+        for endpoint in ENDPOINTS:
+            folder = self.layout.endpoint_dir(endpoint)
+            if os.path.islink(folder):
+                continue
+            try:
+                entries = list(os.scandir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                if ID_RE.match(entry.name) and entry.is_dir(follow_symlinks=False):
+                    yield endpoint, entry.name, os.path.join(entry.path, SIDECAR)
+
+    def _close(self) -> None:
+        if self._db is None:
+            return
+        if self._unwritten:
+            self._write([])
+        if not self._unwritten:
+            self._set_meta(self._db, {"clean": "1"}, durable=True)
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.close()
+        self._db = None
+
+
+def _mtime(path: os.PathLike[str] | str) -> int:
+    """The sidecar's mtime in ns, or -1 when there is no plain file there."""
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return -1
+    return info.st_mtime_ns if stat.S_ISREG(info.st_mode) else -1
+
+
+def _read_sidecar(path: str, key: Key) -> Job | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as file:
+            job = Job.from_sidecar(json.loads(file.read()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+    return job if (job.endpoint, job.id) == key else None

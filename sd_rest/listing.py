@@ -1,0 +1,227 @@
+"""GET /jobs: what a listing item is, how its query is read and its cursor made (pure), and
+the page itself, read from the index (index.py) with unfinished jobs taken from memory.
+
+Order: newest first by creation (`createdAt`, then endpoint and id to break ties). A job keeps
+its place for good, even when it is posted again after a failure, so a cursor (the place of
+the last item shown) never skips or repeats an item however many jobs arrive meanwhile: new
+ones come before the first page.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Final
+
+from .endpoints import ENDPOINTS
+from .errors import ApiError, invalid
+from .jobs import Job, Status
+from .layout import ID_RE
+
+if TYPE_CHECKING:
+    from .manager import JobManager
+
+DEFAULT_LIMIT: Final = 50
+MAX_LIMIT: Final = 500
+PARAMETERS: Final = ("status", "endpoint", "limit", "cursor")
+
+# The filter's names for the public statuses (what the items' `status` says).
+STATUS_NAMES: Final = {
+    "queued": Status.QUEUED,
+    "running": Status.IN_PROGRESS,
+    "complete": Status.COMPLETE,
+    "failed": Status.FAILED,
+    "canceled": Status.CANCELED,
+}
+UNFINISHED: Final = frozenset({Status.QUEUED, Status.IN_PROGRESS})
+
+# (createdAt, endpoint, id): a job's place in the listing, the last one shown in a cursor.
+Place = tuple[float, str, str]
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    statuses: frozenset[Status]  # public statuses wanted; all when no filter
+    endpoints: frozenset[str]
+    limit: int = DEFAULT_LIMIT
+    after: Place | None = None  # from the cursor
+
+    def stored_statuses(self) -> frozenset[Status]:
+        """The statuses to ask the index for: a job that reads QUEUED may be IN_PROGRESS on
+        disk (its script is loading), so `queued` asks for both."""
+        wanted = set(self.statuses)
+        if Status.QUEUED in wanted:
+            wanted.add(Status.IN_PROGRESS)
+        return frozenset(wanted)
+
+
+def iso_time(seconds: float | None) -> str | None:
+    """UTC, ISO 8601 with milliseconds and a `Z`: what JavaScript's `new Date()` reads."""
+    if seconds is None:
+        return None
+    moment = datetime.fromtimestamp(seconds, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def job_item(job: Job, position: int | None = None) -> dict[str, Any]:
+    """A job as the listing (and the event stream's snapshots and final events) show it: its
+    status document, plus what identifies and describes it."""
+    return {
+        "id": job.id,
+        "endpoint": job.endpoint,
+        **job.status_document(position),
+        "createdAt": iso_time(job.created_at),
+        "startedAt": iso_time(job.started_at),
+        "finishedAt": iso_time(job.finished_at),
+        "params": job.params,
+    }
+
+
+def dumps(doc: Any) -> str:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+
+
+# --- the query -----------------------------------------------------------------------------
+
+
+def parse_query(query: Mapping[str, str] | Iterable[tuple[str, str]]) -> ListQuery:
+    """The listing's query parameters, or a 400 naming the one at fault. `status` and
+    `endpoint` take several values, comma-separated or repeated."""
+    pairs = list(query.items()) if isinstance(query, Mapping) else list(query)
+    values: dict[str, list[str]] = {}
+    for name, value in pairs:
+        if name not in PARAMETERS:
+            raise ApiError(
+                400,
+                "unknown_field",
+                f"unknown query parameter {name!r}; GET /jobs takes {', '.join(PARAMETERS)}",
+                name,
+            )
+        values.setdefault(name, []).append(value)
+    for name in ("limit", "cursor"):
+        if len(values.get(name, [])) > 1:
+            raise ApiError(400, "duplicate_field", f"{name} is given more than once", name)
+    statuses = _choices(values.get("status", []), "status", STATUS_NAMES)
+    endpoints = _choices(values.get("endpoint", []), "endpoint", {e: e for e in ENDPOINTS})
+    limit = _limit(values["limit"][0]) if "limit" in values else DEFAULT_LIMIT
+    after = decode_cursor(values["cursor"][0]) if "cursor" in values else None
+    return ListQuery(
+        statuses=frozenset(statuses) or frozenset(Status),
+        endpoints=frozenset(endpoints) or frozenset(ENDPOINTS),
+        limit=limit,
+        after=after,
+    )
+
+
+def _choices(given: list[str], name: str, allowed: Mapping[str, Any]) -> list[Any]:
+    chosen = []
+    for text in given:
+        for word in text.split(","):
+            key = word.strip()
+            if key.lower() in allowed and name == "status":
+                key = key.lower()
+            if key not in allowed:
+                raise invalid(name, f"{name} {word.strip()!r} is not one of {', '.join(allowed)}")
+            chosen.append(allowed[key])
+    return chosen
+
+
+def _limit(text: str) -> int:
+    message = f"limit must be a whole number from 1 to {MAX_LIMIT}"
+    if not text.strip().isdigit():
+        raise invalid("limit", message)
+    limit = int(text)
+    if not 1 <= limit <= MAX_LIMIT:
+        raise invalid("limit", message)
+    return limit
+
+
+def encode_cursor(place: Place) -> str:
+    """Opaque to clients: the place of the last item shown (the float exactly, as hex)."""
+    created, endpoint, job_id = place
+    raw = json.dumps([float(created).hex(), endpoint, job_id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> Place:
+    bad = invalid("cursor", "cursor is not one this server gave out (use nextCursor as it is)")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        created_hex, endpoint, job_id = json.loads(raw)
+        created = float.fromhex(created_hex)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise bad from None
+    if not (math.isfinite(created) and endpoint in ENDPOINTS and isinstance(job_id, str)):
+        raise bad
+    if not ID_RE.match(job_id):
+        raise bad
+    return created, endpoint, job_id
+
+
+# --- the page ------------------------------------------------------------------------------
+
+
+class IndexClosed(Exception):
+    """The index was closed: the server is stopping."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One job as the index holds it: the item JSON as of its last change."""
+
+    created: float
+    endpoint: str
+    id: str
+    status: Status
+    item: str
+
+    @property
+    def place(self) -> Place:
+        return (self.created, self.endpoint, self.id)
+
+
+def page_body(items: Sequence[str], next_place: Place | None) -> bytes:
+    cursor = None if next_place is None else encode_cursor(next_place)
+    return ('{"items":[' + ",".join(items) + '],"nextCursor":' + json.dumps(cursor) + "}").encode()
+
+
+async def list_jobs(manager: JobManager, query: ListQuery) -> bytes:
+    """The page `query` asks for, as the response body. Unfinished jobs are always in memory:
+    their items come from there (live progress, current position); finished ones are the
+    index's JSON as it is."""
+    index = manager.store.index
+    if index.closed:
+        raise ApiError(503, "shutting_down", "the server is shutting down")
+    stored = query.stored_statuses()
+    items: list[tuple[Place, str]] = []
+    after = query.after
+    while len(items) <= query.limit:
+        want = query.limit + 1 - len(items)
+        try:
+            rows = await index.page(stored, query.endpoints, after, want)
+        except IndexClosed:
+            raise ApiError(503, "shutting_down", "the server is shutting down") from None
+        for row in rows:
+            text = _item_text(manager, row, query.statuses)
+            if text is not None:
+                items.append((row.place, text))
+        if len(rows) < want:
+            break
+        after = rows[-1].place
+    shown = items[: query.limit]
+    more = len(items) > query.limit
+    return page_body([text for _, text in shown], shown[-1][0] if more and shown else None)
+
+
+def _item_text(manager: JobManager, row: Row, statuses: frozenset[Status]) -> str | None:
+    job = manager.store.unfinished(row.endpoint, row.id) if row.status in UNFINISHED else None
+    if job is None:
+        return row.item if row.status in statuses else None
+    if job.public_status() not in statuses:
+        return None
+    return dumps(job_item(job, manager.position(job)))

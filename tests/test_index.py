@@ -1,0 +1,120 @@
+"""The job index in process, on real files: pages in order with filters and places, what the
+store's writers put, and what a start's reconciliation reads again (only what changed after a
+stop in order; everything after a crash; a damaged file made again)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+from sd_rest.events import JobEvents
+from sd_rest.index import JobIndex
+from sd_rest.jobs import Job, Status
+from sd_rest.layout import Layout
+from sd_rest.store import JobStore
+
+from helpers import ROOT
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.jobfolders import make_job, tiny_png, write_job
+
+ALL = list(Status)
+ENDPOINTS = ["text-to-image", "image-to-image", "inpaint-image"]
+
+
+def on_disk(output: Path, count: int) -> list[Job]:
+    rng = random.Random(3)
+    png = output.parent / "tiny.png"
+    output.mkdir(parents=True, exist_ok=True)
+    png.write_bytes(tiny_png())
+    jobs = []
+    for n in range(count):
+        job = make_job(ENDPOINTS[n % 3], n, rng, finished=True)
+        write_job(output, job, png)
+        jobs.append(job)
+    return jobs
+
+
+def all_rows(index: JobIndex, statuses: list[Status] = ALL, endpoints: list[str] = ENDPOINTS):
+    async def read() -> list:
+        rows, after = [], None
+        while True:
+            got = await index.page(statuses, endpoints, after, 7)
+            rows += got
+            if len(got) < 7:
+                return rows
+            after = got[-1].place
+
+    return asyncio.run(read())
+
+
+def test_reconcile_builds_then_reads_only_what_changed(tmp_path: Path) -> None:
+    output = tmp_path / "output"
+    jobs = on_disk(output, 40)
+    index = JobIndex(Layout(output))
+    assert index.reconcile().result() == 40
+    rows = all_rows(index)
+    newest_first = sorted(jobs, key=lambda j: (j.created_at, j.endpoint, j.id), reverse=True)
+    assert [(r.endpoint, r.id) for r in rows] == [(j.endpoint, j.id) for j in newest_first]
+    item = json.loads(rows[0].item)
+    assert item["id"] == newest_first[0].id and item["params"] == newest_first[0].params
+    failed = all_rows(index, [Status.FAILED])
+    assert {r.id for r in failed} == {j.id for j in jobs if j.status is Status.FAILED}
+    assert {r.endpoint for r in all_rows(index, ALL, ["inpaint-image"])} == {"inpaint-image"}
+    index.close()
+
+    # Closed in order: a start reads nothing again, unless a sidecar changed or a folder went.
+    changed = jobs[5]
+    sidecar = output / changed.endpoint / changed.id / "job.json"
+    doc = json.loads(sidecar.read_text())
+    doc["error"] = "changed while the server was stopped"
+    doc["status"] = "FAILED"
+    sidecar.write_text(json.dumps(doc))
+    os.utime(sidecar, ns=(1, 1))
+    gone = jobs[6]
+    os.rename(output / gone.endpoint / gone.id, tmp_path / "moved-away")
+    index = JobIndex(Layout(output))
+    assert index.reconcile().result() == 1
+    rows = {r.id: r for r in all_rows(index)}
+    assert gone.id not in rows and len(rows) == 39
+    assert rows[changed.id].status is Status.FAILED
+    assert "changed while" in json.loads(rows[changed.id].item)["error"]
+    # Not closed (a crash): the next start reads every sidecar again.
+    index._thread.shutdown(wait=True)
+    index = JobIndex(Layout(output))
+    assert index.reconcile().result() == 39
+    index.close()
+
+
+def test_the_store_keeps_it_and_a_damaged_file_is_made_again(tmp_path: Path) -> None:
+    output = tmp_path / "output"
+    jobs = on_disk(output, 5)
+
+    async def scenario() -> None:
+        store = JobStore(Layout(output), JobEvents())
+        store.index.reconcile()
+        loaded = await store.get(jobs[0].endpoint, jobs[0].id)
+        assert loaded is not None
+        store.forget(loaded.endpoint, loaded.id)
+        rows = await store.index.page(ALL, ENDPOINTS, None, 100)
+        assert loaded.id not in {r.id for r in rows} and len(rows) == 4
+        # A sidecar found damaged when read is quarantined, and leaves the index.
+        bad = jobs[1]
+        (output / bad.endpoint / bad.id / "job.json").write_text("{not json")
+        assert await store.get(bad.endpoint, bad.id) is None
+        rows = await store.index.page(ALL, ENDPOINTS, None, 100)
+        assert bad.id not in {r.id for r in rows} and len(rows) == 3
+        await store.close()
+
+    asyncio.run(scenario())
+    (output / ".index.sqlite3").write_bytes(b"garbage" * 1000)
+    index = JobIndex(Layout(output))
+    index.reconcile().result()
+    assert len(all_rows(index)) == 4  # the forgotten job's folder is still there
+    index.close()
