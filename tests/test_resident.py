@@ -1,0 +1,222 @@
+"""The resident runner in process: its workers reused, replaced and ended as the settings and
+the runs ask; cancels, out-of-memory failures and dead workers. Scripts are small stand-ins
+written by each test for what the simulator never does (ignore interrupts, run out of memory,
+die), run by the real worker driver in real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from sd_rest import workers
+from sd_rest.jobs import Status
+from sd_rest.manager import JobManager
+from sd_rest.resident_runner import WORKER_KILL_AFTER
+
+from helpers import FAST_SIMULATOR, process_running
+from inprocess import settings, text_params, until
+
+
+@pytest.fixture(autouse=True)
+def fast_simulator(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in FAST_SIMULATOR.items():
+        monkeypatch.setenv(name, value)
+
+
+def says(path: Path, text: str) -> bool:
+    return path.exists() and text in path.read_text(errors="replace")
+
+
+def repository(root: Path, txt2img: str) -> Path:
+    scripts = root / "repo" / "scripts"
+    scripts.mkdir(parents=True)
+    for name in ("txt2img.py", "img2img.py", "inpaint.py"):
+        (scripts / name).write_text(textwrap.dedent(txt2img))
+    return root / "repo"
+
+
+# Writes the image the job asks for, as txt2img does: <outdir>/samples/00000.png.
+WRITES_AN_IMAGE = """\
+    import os, sys, zlib, struct
+    out = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--outdir="))
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    def chunk(kind, data):
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+    png = (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\\0\\0")) + chunk(b"IEND", b""))
+    with open(os.path.join(out, "samples", "00000.png"), "wb") as f:
+        f.write(png)
+"""
+
+
+def started_pids(manager: JobManager) -> dict[str, int | None]:
+    """Job id -> the pid it ran under (its worker's), as it started."""
+    pids: dict[str, int | None] = {}
+    manager.events.listen(
+        lambda e: pids.setdefault(e.job.id, e.job.pid) if e.kind == "started" else None
+    )
+    return pids
+
+
+async def finished(job: object) -> None:
+    await until(lambda: job.status.finished, "the job to finish", timeout=30)  # type: ignore[attr-defined]
+
+
+def test_jobs_share_a_worker_and_get_a_fresh_one_after_max_jobs(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        repo = repository(tmp_path, WRITES_AN_IMAGE)
+        manager = JobManager(settings(tmp_path / "out", repository=repo, worker_max_jobs=2))
+        await manager.start(manager.recover())
+        ran_under = started_pids(manager)
+        pids = []
+        for n in range(3):
+            job = await manager.submit("text-to-image", text_params(prompt=f"p{n}"), {}, {})
+            await finished(job)
+            assert job.status is Status.COMPLETE, job.error
+            pids.append(ran_under[job.id])
+        await manager.shutdown()
+        assert pids[0] == pids[1] != pids[2]  # the third job came after the first worker's two
+        assert not any(process_running(pid) for pid in pids if pid)  # none left after shutdown
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_idle_too_long_gives_its_memory_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workers, "REAP_EVERY", 0.05)
+
+    async def scenario() -> None:
+        repo = repository(tmp_path, WRITES_AN_IMAGE)
+        config = settings(tmp_path / "out", repository=repo, worker_idle_seconds=0.3)
+        manager = JobManager(config)
+        await manager.start(manager.recover())
+        ran_under = started_pids(manager)
+        job = await manager.submit("text-to-image", text_params(), {}, {})
+        await finished(job)
+        pid = ran_under[job.id]
+        assert pid is not None and [w["state"] for w in await manager.workers()] == ["idle"]
+        await until(lambda: not process_running(pid), "the idle worker to end")
+        assert await manager.workers() == []
+        again = await manager.submit("text-to-image", text_params(prompt="later"), {}, {})
+        await finished(again)  # a new worker when one is needed again
+        assert again.status is Status.COMPLETE and ran_under[again.id] != pid
+        await manager.shutdown()
+
+    asyncio.run(scenario())
+
+
+DEAF = """\
+    import signal, time
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("Loading model from a checkpoint that takes forever", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_cancel_the_script_ignores_kills_the_worker_within_a_second(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        repo = repository(tmp_path, DEAF)
+        manager = JobManager(settings(tmp_path / "out", repository=repo))
+        await manager.start(manager.recover())
+        job = await manager.submit("text-to-image", text_params(), {}, {})
+        log = manager.store.layout.log(job.endpoint, job.id)
+        await until(lambda: says(log, "Loading model"), "the script")
+        pid = job.pid
+        began = time.monotonic()
+        await manager.cancel(job)
+        assert job.status is Status.CANCELED
+        assert time.monotonic() - began < WORKER_KILL_AFTER + 1.0
+        await until(lambda: not process_running(pid), "the worker to be killed")  # type: ignore[arg-type]
+        await manager.shutdown()
+
+    asyncio.run(scenario())
+
+
+# Fails the first time it runs (a marker file says which run it is), as the test asks.
+FIRST_RUN_FAILS = """\
+    import os, signal, sys
+    marker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ran-once")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        {failure}
+"""
+OUT_OF_MEMORY = 'raise RuntimeError("MPS backend out of memory (MPS allocated: 17.5 GB)")'
+KILLED = "os.kill(os.getpid(), signal.SIGKILL)"
+
+
+@pytest.mark.parametrize("failure", [OUT_OF_MEMORY, KILLED], ids=["out-of-memory", "killed"])
+def test_a_run_that_runs_out_of_memory_gets_a_second_chance_in_a_fresh_worker(
+    tmp_path: Path, failure: str
+) -> None:
+    async def scenario() -> None:
+        script = FIRST_RUN_FAILS.format(failure=failure) + textwrap.indent(
+            textwrap.dedent(WRITES_AN_IMAGE), "    "
+        )
+        repo = repository(tmp_path, script)
+        manager = JobManager(settings(tmp_path / "out", repository=repo))
+        await manager.start(manager.recover())
+        job = await manager.submit("text-to-image", text_params(), {}, {})
+        await finished(job)
+        assert job.status is Status.COMPLETE, job.error
+        log = manager.store.layout.log(job.endpoint, job.id).read_text(errors="replace")
+        assert log.count("=== sd-rest run") == 2  # the first run, and the second chance
+        await manager.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_that_dies_every_time_fails_the_job_saying_how(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        repo = repository(tmp_path, f"import os, signal\n{KILLED}\n")
+        manager = JobManager(settings(tmp_path / "out", repository=repo))
+        await manager.start(manager.recover())
+        job = await manager.submit("text-to-image", text_params(), {}, {})
+        await finished(job)
+        assert job.status is Status.FAILED
+        assert job.error is not None and job.error.startswith("the script was killed by SIGKILL")
+        assert await manager.workers() == []  # both dead workers were let go
+        await manager.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_status_answers_while_a_job_runs(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        repo = repository(tmp_path, DEAF)
+        manager = JobManager(settings(tmp_path / "out", repository=repo))
+        await manager.start(manager.recover())
+        job = await manager.submit("text-to-image", text_params(), {}, {})
+        log = manager.store.layout.log(job.endpoint, job.id)
+        await until(lambda: says(log, "Loading model"), "the script")
+        began = time.monotonic()
+        (worker,) = await manager.workers()
+        assert time.monotonic() - began < 1.0
+        assert (worker["state"], worker["pid"], worker["jobs"]) == ("busy", job.pid, 0)
+        assert worker["rss"] > 1_000_000
+        await manager.cancel(job)
+        await manager.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_that_cannot_connect_is_reported(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        fake = tmp_path / "python"
+        fake.write_text("#!/bin/sh\necho 'no driver here'\nexit 3\n")
+        os.chmod(fake, 0o755)
+        manager = JobManager(settings(tmp_path / "out", python=fake))
+        await manager.start(manager.recover())
+        job = await manager.submit("text-to-image", text_params(), {}, {})
+        await finished(job)
+        assert job.status is Status.FAILED
+        assert job.error is not None and job.error.startswith("the worker did not start")
+        await manager.shutdown()
+
+    asyncio.run(scenario())
