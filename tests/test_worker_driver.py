@@ -99,10 +99,18 @@ CASES = {
     "P3": inpaint(3),
     "P5": inpaint(5, steps=5),
 }
+
+
+def plus(case: Case, *flags: str) -> Case:
+    return Case(case.script, lambda o, i: [*case.argv(o, i), *flags], case.seed)
+
+
 # Runs that fail: their traceback and exit status must be the ones of a run by hand.
 FAILURES = {
     "fail-missing-init": (img2img(42, init="missing.png"), 1),
-    "fail-argparse": (Case("txt2img", lambda o, i: [*txt2img(42).argv(o, i), "--no-such-flag"]), 2),
+    "fail-argparse": (plus(txt2img(42), "--no-such-flag"), 2),
+    # raised inside torch.load, which the driver wraps: its frames must not show
+    "fail-missing-ckpt": (plus(txt2img(42), "--ckpt=/no/such.ckpt"), 1),
 }
 SAMPLING = rb"\| +[1-9]\d*/\d+ \["  # a sampler bar past its first step
 INTERRUPTS = {  # (case, when to send the SIGINT)
@@ -116,6 +124,7 @@ INTERRUPTS = {  # (case, when to send the SIGINT)
 ORDERS = {
     "A": ["T42", "I42", "T7", "P3", "T42", "fail-missing-init", "int-txt2img", "T7", "I7",
           "int-inpaint", "?check", "P3", "P5", "T42-320x256", "fail-argparse", "I42",
+          "fail-missing-ckpt",
           "T1234-6steps", "T9-2x2", "T42"],
     "B": ["P3", "I7", "int-img2img", "P5", "int-loading-txt2img", "T7", "T42",
           "int-building-inpaint", "P3", "fail-missing-init", "I42", "?check", "P5", "P3",

@@ -147,21 +147,39 @@ class Ending:
         return cls("interrupted", -int(signal.SIGINT), "interrupted", recycle=recycle)
 
 
+_DRIVER_FOLDER = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def _script_frames(tb: Any, script: str) -> Any:
-    """The traceback from the script's first frame on: without the driver's and runpy's frames
-    it reads as Python prints it for `python script.py`."""
+    """The traceback from the script's first frame on (no runpy or driver frames above it)."""
     while tb is not None and tb.tb_frame.f_code.co_filename != script:
         tb = tb.tb_next
     return tb
 
 
+def _drop_driver_frames(exception: Any, seen: set[int]) -> None:
+    """Remove the driver's own frames (its wrappers around torch.load, instantiate_from_config,
+    ..., its SIGINT handler) from a TracebackException and the exceptions chained to it."""
+    if exception is None or id(exception) in seen:
+        return
+    seen.add(id(exception))
+    frames = [f for f in exception.stack if not f.filename.startswith(_DRIVER_FOLDER)]
+    exception.stack = traceback.StackSummary.from_list(frames)
+    _drop_driver_frames(exception.__cause__, seen)
+    _drop_driver_frames(exception.__context__, seen)
+
+
 def _print_exception(exc: BaseException, script: str) -> None:
+    """The traceback as Python prints it for `python script.py`."""
     for stream in (sys.stderr, sys.stdout):
         with contextlib.suppress(Exception):
             stream.flush()
     stream = sys.__stderr__ if sys.stderr is None else sys.stderr
-    frames = _script_frames(exc.__traceback__, script)
-    traceback.print_exception(type(exc), exc, frames, file=stream)
+    printed = traceback.TracebackException(
+        type(exc), exc, _script_frames(exc.__traceback__, script)
+    )
+    _drop_driver_frames(printed, set())
+    stream.write("".join(printed.format()))
 
 
 def _through_import(tb: Any) -> bool:
