@@ -117,9 +117,10 @@ INTERRUPTS = {  # (case, when to send the SIGINT)
     "int-txt2img": (txt2img(42, steps=LONG_STEPS), SAMPLING),
     "int-img2img": (img2img(7, steps=LONG_STEPS), SAMPLING),
     "int-inpaint": (inpaint(3, steps=LONG_STEPS), SAMPLING),
-    # while the checkpoint is read (the model must not be resident then), or the model built
-    "int-loading-txt2img": (txt2img(7), rb"Loading model from"),
-    "int-building-inpaint": (inpaint(5), rb"Keeping EMAs of"),
+    # while the checkpoint is read (the model must not be resident then), or the model built;
+    # long, so that a SIGINT that comes late still lands in the job
+    "int-loading-txt2img": (txt2img(7, steps=LONG_STEPS), rb"Loading model from"),
+    "int-building-inpaint": (inpaint(5, steps=LONG_STEPS), rb"Keeping EMAs of"),
 }
 ORDERS = {
     "A": ["T42", "I42", "T7", "P3", "T42", "fail-missing-init", "int-txt2img", "T7", "I7",
