@@ -484,6 +484,72 @@ def test_inpaint_fails_on_sides_that_are_not_multiples_of_32(
     assert failed_with(result, f"{prefix} {message}")
 
 
+# --- the model: built like the real one, drawing from torch's generator ------------------
+
+BUILD = """
+import json, torch
+from omegaconf import OmegaConf
+from ldm.util import instantiate_from_config
+
+def state():
+    return torch.get_rng_state().numpy().tobytes()
+
+def build(path):
+    return instantiate_from_config(OmegaConf.load(path).model)
+
+torch.manual_seed(42)
+start = state()
+model = build("configs/stable-diffusion/v1-inference.yaml")
+end, weights = state(), model.state_dict()["model.diffusion_model.weight"].clone()
+torch.set_rng_state(torch.frombuffer(bytearray(start)))
+again = build("configs/stable-diffusion/v1-inference.yaml")
+torch.set_rng_state(torch.frombuffer(bytearray(start)))
+build("models/ldm/inpainting_big/config.yaml")
+print(json.dumps({
+    "drew": end != start,
+    "same_end": state() == end,
+    "same_weights": torch.equal(weights, again.state_dict()["model.diffusion_model.weight"]),
+    "keys": list(model.state_dict()),
+    "training": [m.training for m in model.modules()],
+}))
+"""
+
+
+def test_a_model_build_draws_from_the_generator_the_same_way_for_a_seed() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD], cwd=SIM, env=sim_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert found["drew"] and found["same_weights"]
+    assert found["keys"] == ["model.diffusion_model.weight", "first_stage_model.weight"]
+    assert all(found["training"])
+    # The constructors print what the real ones print, the nested networks' lines included.
+    assert result.stdout.splitlines()[:5] == [
+        "LatentDiffusion: Running in eps-prediction mode",
+        "DiffusionWrapper has 859.52 M params.",
+        "making attention of type 'vanilla' with 512 in_channels",
+        "Working with z of shape (1, 4, 32, 32) = 4096 dimensions.",
+        "making attention of type 'vanilla' with 512 in_channels",
+    ]
+    assert "Keeping EMAs of 628." in result.stdout
+
+
+def test_images_depend_on_the_checkpoints_bytes(tmp_path: Path) -> None:
+    same, other = tmp_path / "same.ckpt", tmp_path / "other.ckpt"
+    same.write_bytes(Path(CKPT).read_bytes())
+    other.write_bytes(Path(CKPT).read_bytes() + b" ")
+
+    def image(name: str, ckpt: Path | str) -> bytes:
+        result = txt2img(tmp_path / name, "--skip_grid", "--W=256", "--H=256", "--ckpt", str(ckpt))
+        assert result.returncode == 0, result.stderr
+        return (tmp_path / name / "samples" / "00000.png").read_bytes()
+
+    reference = image("reference", CKPT)
+    assert image("same", same) == reference
+    assert image("other", other) != reference
+
+
 # --- knobs ---------------------------------------------------------------------------------
 
 
@@ -517,7 +583,7 @@ def test_argv_and_event_logs(tmp_path: Path) -> None:
     assert all(e["t"] <= f["t"] for e, f in itertools.pairwise(events))
 
 
-def test_load_and_step_times(tmp_path: Path) -> None:
+def test_time_knobs_and_the_events_of_a_run(tmp_path: Path) -> None:
     event_log = tmp_path / "events.jsonl"
     started = time.time()
     result = txt2img(
@@ -525,15 +591,31 @@ def test_load_and_step_times(tmp_path: Path) -> None:
         "--skip_grid",
         "--W=256",
         "--H=256",
+        SD_SIM_IMPORT_SECONDS="0.2",
+        SD_SIM_SAFETY_SECONDS="0.2",
         SD_SIM_LOAD_SECONDS="0.3",
+        SD_SIM_BUILD_SECONDS="0.2",
         SD_SIM_STEP_SECONDS="0.05",
         SD_SIM_EVENT_LOG=str(event_log),
     )
-    assert result.returncode == 0
+    assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in event_log.read_text().splitlines()]
+    assert len({e["pid"] for e in events}) == 1
+    kinds = [e["event"] for e in events if e["event"] not in ("step", "image")]
+    assert kinds == ["import", "pretrained", "pretrained", "checkpoint", "build"]
+    pretrained = [e["kind"] for e in events if e["event"] == "pretrained"]
+    assert pretrained == ["AutoFeatureExtractor", "StableDiffusionSafetyChecker"]
+    at = {e["event"]: e["t"] for e in events if e["event"] != "pretrained"}
+    at["safety"] = events[2]["t"]
+    first_step = next(e["t"] for e in events if e["event"] == "step")
+    last_step = [e["t"] for e in events if e["event"] == "step"][-1]
     # Sleeps only ever last at least as long as asked: these are lower bounds.
-    assert events[0]["t"] - started >= 0.3
-    assert events[-1]["t"] - events[0]["t"] >= 4 * 0.05
+    assert at["import"] - started >= 0.2
+    assert at["safety"] - at["import"] >= 0.2
+    assert at["checkpoint"] - at["safety"] >= 0.3
+    assert at["build"] - at["checkpoint"] >= 0.2
+    assert first_step >= at["build"]
+    assert last_step - first_step >= 4 * 0.05
 
 
 def test_slow_writes_expose_half_written_files(tmp_path: Path) -> None:

@@ -1,28 +1,30 @@
-"""What the three simulated scripts share: knobs, model loading, samplers and output.
+"""What the three simulated scripts share: the run, its knobs, samplers and output.
 
 Names follow the real repository's functions where a traceback shows them
-(load_model_from_config, make_schedule, put_watermark, ...), so that the simulator's
-crashes read like the real ones. Knobs come from environment variables the real
-scripts ignore; see the simulator's README.md.
+(make_schedule, put_watermark, ...), so that the simulator's crashes read like the real ones.
+Knobs come from environment variables the real scripts ignore; see the simulator's README.md.
+Importing this module stands for importing the real scripts' libraries: it takes
+SD_SIM_IMPORT_SECONDS and prints the kind of warning they print, once per interpreter.
 """
 
 from __future__ import annotations
 
 import argparse
+import array
 import io
-import json
 import os
 import random
 import signal
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
+import simknobs
 import torch  # the simulator's stand-in, from the repository root
 from PIL import Image
+from simknobs import Knobs, append_json_line
 
 from ldm.progress import track
 
@@ -32,60 +34,6 @@ WATERMARK_MIN_PIXELS = 256 * 256
 UNET_DOWNSAMPLINGS = 3
 WRITE_CHUNKS = 8
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
-
-# The lines the real model construction prints for the v1 config.
-V1_MODEL_LINES = (
-    "LatentDiffusion: Running in eps-prediction mode",
-    "DiffusionWrapper has 859.52 M params.",
-    "making attention of type 'vanilla' with 512 in_channels",
-    "Working with z of shape (1, 4, 32, 32) = 4096 dimensions.",
-    "making attention of type 'vanilla' with 512 in_channels",
-)
-INPAINT_MODEL_LINES = (
-    "LatentDiffusion: Running in eps-prediction mode",
-    "DiffusionWrapper has 387.25 M params.",
-    "Keeping EMAs of 628.",
-    "making attention of type 'vanilla' with 512 in_channels",
-    "Working with z of shape (1, 3, 64, 64) = 12288 dimensions.",
-    "making attention of type 'vanilla' with 512 in_channels",
-)
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """Test and benchmark controls, all optional environment variables."""
-
-    load_seconds: float = 0.3
-    step_seconds: float = 0.02
-    fail_at_step: int | None = None
-    exit_at_step: tuple[int, int] | None = None  # (step, status): a silent exit
-    kill_at_step: int | None = None  # SIGKILL to itself, as an out-of-memory killer does
-    write_seconds: float = 0.0
-    argv_log: str | None = None
-    event_log: str | None = None
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Knobs:
-        fail = environ.get("SD_SIM_FAIL_AT_STEP", "").strip()
-        exit_at = environ.get("SD_SIM_EXIT_AT_STEP", "").strip()
-        kill = environ.get("SD_SIM_KILL_AT_STEP", "").strip()
-        step, _, status = exit_at.partition(":")
-        return cls(
-            load_seconds=float(environ.get("SD_SIM_LOAD_SECONDS", cls.load_seconds)),
-            step_seconds=float(environ.get("SD_SIM_STEP_SECONDS", cls.step_seconds)),
-            fail_at_step=int(fail) if fail else None,
-            exit_at_step=(int(step), int(status or 3)) if exit_at else None,
-            kill_at_step=int(kill) if kill else None,
-            write_seconds=float(environ.get("SD_SIM_WRITE_SECONDS", cls.write_seconds)),
-            argv_log=environ.get("SD_SIM_ARGV_LOG") or None,
-            event_log=environ.get("SD_SIM_EVENT_LOG") or None,
-        )
-
-
-def append_json_line(path: str, record: Mapping[str, Any]) -> None:
-    # One write per record in append mode, so concurrent runs do not interleave lines.
-    with open(path, "a", encoding="utf-8") as log:
-        log.write(json.dumps(record) + "\n")
 
 
 class Run:
@@ -99,7 +47,7 @@ class Run:
 
     def event(self, event: str, **fields: Any) -> None:
         if self.knobs.event_log:
-            append_json_line(self.knobs.event_log, {"t": time.time(), "event": event, **fields})
+            simknobs.event(event, **fields)
 
     def denoise(self, desc: str, total: int, first_step_check: Callable[[], None] | None) -> None:
         """The sampler loop: one bar over `total` steps, each taking step_seconds."""
@@ -123,14 +71,13 @@ class Run:
 
 
 def start(script: str) -> Run:
-    """What happens before argument parsing: logging argv, the import-time warning."""
+    """What happens before argument parsing: the knobs of this run, its argv logged."""
     run = Run(script, Knobs.from_env(os.environ))
     if run.knobs.argv_log:
         append_json_line(
             run.knobs.argv_log,
             {"argv": sys.argv, "cwd": os.getcwd(), "pid": os.getpid(), "script": script},
         )
-    library_warning()
     return run
 
 
@@ -147,6 +94,16 @@ def library_warning() -> None:
         '  __import__("pkg_resources").declare_namespace(__name__)\n'
     )
     sys.stderr.flush()
+
+
+def _import_libraries() -> None:
+    """What importing torch, transformers, Lightning and the rest costs and prints."""
+    time.sleep(simknobs.knobs().import_seconds)
+    library_warning()
+    simknobs.event("import")
+
+
+_import_libraries()
 
 
 def seed_everything(seed: int) -> int:
@@ -237,29 +194,6 @@ def laion400m_fallback(opt: argparse.Namespace, script: str) -> None:
     opt.outdir = f"outputs/{script}-samples-laion400m"
 
 
-def load_config(path: str) -> str:
-    with open(path, encoding="utf-8") as config:
-        return config.read()
-
-
-def load_model_from_config(config: str, ckpt: str, run: Run) -> dict[str, Any]:
-    print(f"Loading model from {ckpt}", flush=True)
-    time.sleep(run.knobs.load_seconds)
-    checkpoint = torch.load(ckpt, map_location="cpu")
-    if "global_step" in checkpoint:
-        print(f"Global Step: {checkpoint['global_step']}", flush=True)
-    print("\n".join(V1_MODEL_LINES), flush=True)
-    return checkpoint
-
-
-def load_inpainting_model(run: Run) -> dict[str, Any]:
-    """inpaint.py's fixed, working-directory-relative config and checkpoint."""
-    load_config("models/ldm/inpainting_big/config.yaml")
-    print("\n".join(INPAINT_MODEL_LINES), flush=True)
-    time.sleep(run.knobs.load_seconds)
-    return torch.load("models/ldm/inpainting_big/last.ckpt")["state_dict"]
-
-
 def prompt_batches(prompt: str | None, from_file: str | None, batch_size: int) -> list[list[str]]:
     if not from_file:
         assert prompt is not None
@@ -313,7 +247,11 @@ def check_unet_sizes(latent_height: int, latent_width: int) -> None:
 
 
 class Sampler:
-    """DDIM or PLMS: the schedule, its printed lines, its bar and its failures."""
+    """DDIM or PLMS: the schedule, its printed lines, its noise, its bar and its failures.
+
+    The noise comes from torch's generator, after the model's random initialisation drew from
+    it, and the pictures depend on it: a process whose generator is not where a run by hand
+    leaves it paints other pictures."""
 
     def __init__(self, kind: str, run: Run) -> None:
         self.kind = kind
@@ -335,32 +273,45 @@ class Sampler:
         shape: tuple[int, ...],
         eta: float,
         first_step_check: Callable[[], None] | None = None,
-    ) -> None:
+        x_T: torch.Tensor | None = None,  # the real keyword
+    ) -> torch.Tensor:
+        """The batch's latents: its start code (x_T, or noise drawn now), denoised."""
         self.make_schedule(steps, eta)
         size = (batch_size, *shape)
         if self.kind == "PLMS":
             print(f"Data shape for PLMS sampling is {size}", flush=True)
         else:
             print(f"Data shape for DDIM sampling is {size}, eta {eta}", flush=True)
+        latents = torch.randn(size) if x_T is None else x_T
         total = len(self.timesteps)
         print(f"Running {self.kind} Sampling with {total} timesteps", flush=True)
         self.run.denoise(f"{self.kind} Sampler", total, first_step_check)
+        return latents
 
-    def stochastic_encode(self, t_enc: int) -> None:
+    def stochastic_encode(self, init_latent: torch.Tensor, t_enc: int) -> torch.Tensor:
         """Noises the init latent to step t_enc, an index into the schedule's alphas.
 
         Past the end of the table this is the real out-of-bounds crash. sd-scripts.md
         documents strength 1.0 (t_enc = --ddim_steps) as a crash for every step count, also
         when the schedule has one entry more than the steps; the simulator keeps to that.
         """
+        noise = torch.randn_like(init_latent)
         size = min(len(self.timesteps), self.steps)
         if not 0 <= t_enc < size:
             raise RuntimeError(f"index {t_enc} is out of bounds for dimension 0 with size {size}")
+        values = [a + b for a, b in zip(init_latent.numpy(), noise.numpy(), strict=True)]
+        return torch.Tensor(array.array("f", values), init_latent.shape, torch.float32)
 
-    def decode(self, t_start: int, first_step_check: Callable[[], None] | None = None) -> None:
+    def decode(
+        self,
+        noised: torch.Tensor,
+        t_start: int,
+        first_step_check: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
         total = len(self.timesteps[:t_start])
         print(f"Running DDIM Sampling with {total} timesteps", flush=True)
         self.run.denoise("Decoding image", total, first_step_check)
+        return noised
 
 
 def encode_png(image: Image.Image) -> bytes:

@@ -1,7 +1,8 @@
 """Simulator stand-in for the fork's scripts/inpaint.py: repaints the white part of each
-mask with a placeholder landscape. Like the real script it has no seed flag (the seed
-comes from torch, which a sitecustomize module may have seeded) and loads its model from
-paths relative to the working directory."""
+mask with a placeholder landscape. Like the real script it has no seed flag (its noise comes
+from torch's generator, which a sitecustomize module may have seeded), builds its model with
+main.instantiate_from_config and loads its config and checkpoint from paths relative to the
+working directory."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import argparse
 import glob
 import os
 
-# Like the real inpaint, this needs the repository root on PYTHONPATH.
+# Like the real inpaint, this needs the repository root on PYTHONPATH (ldm first: see img2img).
 from ldm import simulate as sim
 from ldm.progress import track
 from ldm.scenery import paint
+
+# isort: split
+import torch
+from main import instantiate_from_config
+from omegaconf import OmegaConf
 from PIL import Image
-from torch import initial_seed  # the simulator's stand-in; a sitecustomize may have seeded it
 
 MASK_THRESHOLD = 128  # a mask value of at least 0.5 × 255 means "repaint"
 
@@ -78,24 +83,29 @@ def main() -> None:
     images = [x.replace("_mask.png", ".png") for x in masks]
     print(f"Found {len(masks)} inputs.", flush=True)
 
-    sim.load_inpainting_model(run)
+    config = OmegaConf.load("models/ldm/inpainting_big/config.yaml")
+    model = instantiate_from_config(config.model)
+    model.load_state_dict(
+        torch.load("models/ldm/inpainting_big/last.ckpt")["state_dict"], strict=False
+    )
     sampler = sim.Sampler("DDIM", run)
-    seed = initial_seed()
 
     os.makedirs(opt.outdir, exist_ok=True)
-    for index, (image, mask) in enumerate(track(zip(images, masks, strict=False))):
-        outpath = os.path.join(opt.outdir, os.path.split(image)[1])
-        picture, region = make_batch(image, mask)
-        width, height = picture.size
-        sampler.sample(
-            opt.steps,
-            1,
-            (3, height // 4, width // 4),
-            0.0,
-            lambda width=width, height=height: check_unet_skips(width, height),
-        )
-        result = Image.composite(paint(width, height, "", seed, index), picture, region)
-        sim.save_png(result, outpath, run)
+    with model.ema_scope():
+        for image, mask in track(zip(images, masks, strict=False)):
+            outpath = os.path.join(opt.outdir, os.path.split(image)[1])
+            picture, region = make_batch(image, mask)
+            width, height = picture.size
+            samples = sampler.sample(
+                opt.steps,
+                1,
+                (3, height // 4, width // 4),
+                0.0,
+                lambda width=width, height=height: check_unet_skips(width, height),
+            )
+            (repainted,) = model.decode_first_stage(samples)
+            result = Image.composite(paint(width, height, "", repainted, 0), picture, region)
+            sim.save_png(result, outpath, run)
 
 
 if __name__ == "__main__":

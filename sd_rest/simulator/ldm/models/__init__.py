@@ -1,0 +1,1 @@
+"""The simulated models (see ldm/models/diffusion/ddpm.py)."""

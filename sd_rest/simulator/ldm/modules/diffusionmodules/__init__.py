@@ -1,0 +1,1 @@
+"""The simulated denoising network."""

@@ -1,0 +1,148 @@
+"""Start-up and the main loop: connect, say "ready", then serve the channel's messages.
+
+The main thread runs jobs (and "check", "exit") one at a time from a queue; a reader thread
+reads the socket, answers "status" at once (even mid-job), starts "prepare" in the background,
+and ends the process when the server's end closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+from . import SOCKET_ENV, TOKEN_ENV, VERSION, hooks
+from .caches import CACHES, check_resident, resident_summary
+from .channel import Channel
+from .generator import state_bytes
+from .memory import resident_set_size
+from .runner import STATE, on_sigint, run_job
+
+EXIT_USAGE = 2  # no socket to connect to
+EXIT_DRIVER_FAILED = 70  # EX_SOFTWARE: the driver itself failed ("fatal")
+
+
+def status() -> dict[str, Any]:
+    return {
+        "event": "status", "pid": os.getpid(), "rss": resident_set_size(), "busy": STATE.busy,
+        "job": STATE.job, "jobs": STATE.jobs, "models": resident_summary(),
+        "uptime": round(time.time() - STATE.started, 1),
+    }  # fmt: skip
+
+
+def check() -> dict[str, Any]:
+    try:
+        ok, detail = check_resident()
+    except Exception as exc:
+        ok, detail = False, repr(exc)
+    return {"event": "check", "ok": ok, "detail": detail}
+
+
+def prepare(message: dict[str, Any]) -> None:
+    """Background: the end state of a build for the seed of a job expected next."""
+    try:
+        res = CACHES.resident
+        torch = sys.modules.get("torch")
+        if res is None or torch is None or message.get("seed") is None:
+            return
+        if res.plan.mode not in ("jump", "replay"):
+            return  # nothing to compute ahead: rebuild builds, same-seed is free
+        generator = torch.Generator(device="cpu").manual_seed(int(message["seed"]))
+        res.plan.prepare(state_bytes(generator.get_state()))
+    except Exception:
+        pass  # a hint only: the job computes what it needs anyway
+
+
+def _read(channel: Channel, enqueue: Callable[[dict[str, Any]], None]) -> None:
+    """The reader thread."""
+    try:
+        for line in channel.lines():
+            _dispatch(line, channel, enqueue)
+    except Exception:
+        pass
+    # EOF (or a broken socket): the server is gone. Leave at once, mid-job or not, so that no
+    # worker outlives its server.
+    os._exit(0)
+
+
+def _dispatch(line: bytes, channel: Channel, enqueue: Callable[[dict[str, Any]], None]) -> None:
+    try:
+        message = json.loads(line)
+        op = message.get("op")
+    except Exception as exc:
+        channel.send({"event": "error", "error": f"bad message: {exc}"})
+        return
+    if op == "status":
+        channel.send(status())
+    elif op == "prepare":
+        threading.Thread(target=prepare, args=(message,), daemon=True).start()
+    elif op in ("run", "exit", "check"):
+        enqueue(message)
+    else:
+        channel.send({"event": "error", "error": f"unknown op {op!r}"})
+
+
+def _serve(channel: Channel, work: queue.Queue[dict[str, Any]]) -> None:
+    """The main thread: one queued message at a time, until "exit"."""
+    while True:
+        message = work.get()
+        op = message.get("op")
+        if op == "exit":
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(0)  # no interpreter teardown: nothing left to save, and it can be slow
+        elif op == "check":
+            channel.send(check())
+        elif op == "run":
+            _run(channel, message)
+
+
+def _run(channel: Channel, message: dict[str, Any]) -> None:
+    try:
+        run_job(message, channel.send)
+    except KeyboardInterrupt:  # landed in the driver between runs: nothing to undo
+        pass
+    except Exception as exc:
+        # A failure of the driver itself (not of a script): its state cannot be trusted. Say
+        # so and leave; the server replaces the worker (and retries the job).
+        traceback.print_exc()
+        try:
+            channel.send({"event": "fatal", "job": message.get("job"), "error": repr(exc)})
+        finally:
+            os._exit(EXIT_DRIVER_FAILED)
+
+
+def main() -> int:
+    # Taken out of the environment first: the scripts must see what a run by hand sees.
+    path = os.environ.pop(SOCKET_ENV, "")
+    token = os.environ.pop(TOKEN_ENV, "")
+    if not path:
+        print(f"worker_driver: {SOCKET_ENV} is not set", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        channel = Channel.connect(path)
+    except OSError as exc:
+        print(f"worker_driver: cannot connect to {path}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    STATE.base_path = list(sys.path)
+    hooks.install()
+    signal.signal(signal.SIGINT, on_sigint)
+    work: queue.Queue[dict[str, Any]] = queue.Queue()
+    reader = threading.Thread(
+        target=_read, args=(channel, work.put), name="sd-rest-reader", daemon=True
+    )
+    reader.start()
+    channel.send({
+        "event": "ready", "pid": os.getpid(), "python": ".".join(map(str, sys.version_info[:3])),
+        "driver": VERSION, "token": token,
+    })  # fmt: skip
+    _serve(channel, work)
+    return 0
