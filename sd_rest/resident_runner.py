@@ -32,6 +32,7 @@ class ResidentRunner(JobRun):
         super().__init__(settings, store, job, sink)
         self.pool = pool
         self._worker: Worker | None = None
+        self._script_began = False  # the worker has begun the script: an interrupt reaches it
         self._reported_start = False
         self._retry: str | None = None  # why the run deserves a second chance, in a fresh worker
 
@@ -59,11 +60,18 @@ class ResidentRunner(JobRun):
     def _end(self, first: signal.Signals, kill_after: float) -> None:
         # Whatever the signal asked of a script, a worker gets an interrupt: SIGINT becomes a
         # KeyboardInterrupt in the script and leaves the worker serving; SIGTERM would end it.
+        # An idle worker ignores one, so before the script begins it waits for `_began`.
         worker = self._worker
         if worker is None:
-            return
-        worker.interrupt()
+            return  # no worker yet: the run is not begun when it comes (see _execute)
+        if self._script_began:
+            worker.interrupt()
         self._kill_later(max(kill_after, WORKER_KILL_AFTER), worker.signal_kill)
+
+    def _began(self) -> None:
+        self._script_began = True
+        if self._worker is not None and (self._canceled or self._stopping or self._fault):
+            self._worker.interrupt()
 
     async def _started(self, pid: int | None) -> None:
         if self._reported_start:  # a second run of the same job: it has started already
@@ -79,7 +87,11 @@ class ResidentRunner(JobRun):
         except WorkerError as exc:
             workspace.log.write(f"could not start a worker: {exc}\n".encode())
             return str(exc)
+        if self._canceled or self._stopping:  # asked while the worker was being found
+            self.pool.release(worker)
+            return ScriptExit(None, signal.SIGINT)
         self._worker = worker
+        self._script_began = False
         try:
             await self._started(worker.pid)
             finished = await worker.run(
@@ -89,6 +101,7 @@ class ResidentRunner(JobRun):
                 workspace.folders.cwd,
                 endpoint.start_seed(self.plan),
                 lambda data: self._output(data, workspace, publisher),
+                self._began,
             )
         finally:
             self._worker = None

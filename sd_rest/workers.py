@@ -35,7 +35,7 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-DRIVER: Final = Path(__file__).with_name("worker_driver.py")
+DRIVER: Final = Path(__file__).with_name("worker_driver")  # a folder Python runs by path
 SOCKET_ENV: Final = "SD_REST_WORKER_SOCKET"
 TOKEN_ENV: Final = "SD_REST_WORKER_TOKEN"
 READY_TIMEOUT: Final = 60.0  # the driver connects before importing anything heavy
@@ -88,6 +88,7 @@ class Finished:
 class _Run:
     job: str
     on_output: OutputHandler
+    on_started: Callable[[], None]
     marker: bytes
     finished: asyncio.Future[Finished]
     marker_seen: asyncio.Event = field(default_factory=asyncio.Event)
@@ -183,14 +184,17 @@ class Worker:
         cwd: Path,
         seed: int | None,
         on_output: OutputHandler,
+        on_started: Callable[[], None],
     ) -> Finished:
-        """Run one script as `__main__`; its output goes to `on_output` as it comes. Returns
-        when the worker says it is done and idle again, or when it dies."""
+        """Run one script as `__main__`; its output goes to `on_output` as it comes, and
+        `on_started` is called when the worker begins it (from then on an interrupt reaches
+        the script; before, the worker ignores one). Returns when the worker says it is done
+        and idle again, or when it dies."""
         if self._run is not None:
             raise WorkerError("the worker is busy")
         loop = asyncio.get_running_loop()
         marker = f"\x1b]sd-rest;end;{job};{secrets.token_hex(4)}\x07"
-        run = _Run(job, on_output, marker.encode(), loop.create_future())
+        run = _Run(job, on_output, on_started, marker.encode(), loop.create_future())
         self._run = run
         self.last_used = time.monotonic()
         try:
@@ -315,7 +319,9 @@ class Worker:
     def _on_message(self, message: dict[str, Any]) -> None:
         event = message.get("event")
         run = self._run
-        if event == "finished" and run is not None and message.get("job") == run.job:
+        if event == "started" and run is not None and message.get("job") == run.job:
+            run.on_started()
+        elif event == "finished" and run is not None and message.get("job") == run.job:
             if not run.finished.done():
                 run.finished.set_result(Finished.from_message(message))
         elif event == "status":
