@@ -19,7 +19,17 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from . import connections, get_throughput, lag, listing, overhead, post_latency, restart, streams
+from . import (
+    connections,
+    get_throughput,
+    lag,
+    listing,
+    overhead,
+    post_latency,
+    resident,
+    restart,
+    streams,
+)
 from .common import FULL, QUICK, Result, Sizes, machine_description, make_certificate
 
 Measure = Callable[[Path, tuple[Path, Path], Sizes, argparse.Namespace], list[Result]]
@@ -31,6 +41,7 @@ MEASURES: dict[str, Measure] = {
     "overhead": lambda w, c, s, _o: overhead.measure(w, c, s),
     "restart": lambda w, c, s, _o: restart.measure(w, c, s),
     "connections": lambda w, c, s, _o: connections.measure(w, c, s),
+    "resident": lambda w, c, s, _o: resident.measure(w, c, s),
     "eventlag": lambda w, c, s, _o: streams.measure_lag(w, c, s),
     "streams": lambda w, c, s, o: streams.measure_fanout(w, c, s, o.load_generator),
     "listing": lambda w, c, s, _o: listing.measure(w, c, s),

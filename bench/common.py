@@ -45,6 +45,8 @@ class Sizes:
     bare_baseline: bool = True  # also measure a bare aiohttp handler, for scale
     connection_count: int = 300  # TLS connections held at once, per round
     connection_rounds: int = 5
+    resident_jobs: int = 10  # on the real fork, each way
+    resident_more: int = 45  # more resident jobs, for the worker's RSS after 50
     stream_clients: int = 1000  # event streams held on one running job
     listing_pages: int = 200  # pages of each kind timed
 
@@ -68,6 +70,8 @@ QUICK = Sizes(
     connection_rounds=1,
     stream_clients=20,
     listing_pages=10,
+    resident_jobs=1,
+    resident_more=1,
 )
 
 
@@ -169,6 +173,7 @@ class ServerProcess:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0  # time.monotonic() just before the process was spawned
+    demo: bool = True  # the simulator; False: `args` name a repository and checkpoints
 
     def command(self) -> list[str]:
         cert, key = self.cert
@@ -176,7 +181,7 @@ class ServerProcess:
             sys.executable,
             "-m",
             "sd_rest",
-            "--demo",
+            *(["--demo"] if self.demo else []),
             "--host",
             "127.0.0.1",
             "--port",

@@ -4,18 +4,23 @@ nothing here looks at them), and the pieces it falls back on when `wrk` is missi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers import ROOT, free_port
+from realfork import RealFork
 
 # bench/ is a package at the repository root, which is on sys.path only when pytest is started
 # as `python -m pytest` from there (scripts/test.sh does): make the test independent of that.
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.__main__ import MEASURES
 from bench.common import Client
 from bench.get_throughput import parse_wrk, run_python
 
@@ -40,8 +45,11 @@ Transfer/sec:      3.30MB
 
 def test_quick_run_takes_every_measure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
+    # The resident measure needs the real fork's kit: its own test, in the real_fork group.
+    everything_else = [name for name in MEASURES if name != "resident"]
+    only = ",".join(everything_else)
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out), "--only", only],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -60,6 +68,27 @@ def test_quick_run_takes_every_measure(tmp_path: Path) -> None:
     for result in doc["results"]:
         assert not result["figure"].startswith("error"), result
     assert "| measure | result | target | met |" in run.stdout
+
+
+@pytest.mark.real_fork
+def test_quick_resident_measure_on_the_real_fork(tmp_path: Path, real_fork: RealFork) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "SD_REST_REAL_FORK": str(real_fork.kit)}
+    env["SD_REST_REAL_FORK_CACHE"] = str(real_fork.root)
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "resident", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = json.loads(out.read_text())["results"]
+    names = " ".join(result["measure"] for result in results)
+    for words in ("wall time", "first resident job", "worker RSS", "generator in step"):
+        assert words in names
+    assert not any(r["figure"].startswith(("error", "skipped")) for r in results), results
 
 
 def test_python_load_generator_counts_answers(tmp_path: Path, certs: tuple[str, str, str]) -> None:
