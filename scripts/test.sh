@@ -23,6 +23,7 @@ cat > "$site/sd_rest_coverage.pth" <<'PTH'
 import os, sys; exec("if os.environ.get('SD_REST_COVERAGE') and '/sd_rest/simulator/' not in os.path.realpath(sys.argv[0] if sys.argv and sys.argv[0] else '.'):\n import coverage\n os.environ['COVERAGE_PROCESS_START'] = os.environ['SD_REST_COVERAGE']\n try:\n  coverage.process_startup()\n finally:\n  del os.environ['COVERAGE_PROCESS_START']")
 PTH
 export SD_REST_COVERAGE="$PWD/pyproject.toml"
+export SD_REST_ROOT="$PWD"  # where the measured source is, whatever a process's cwd
 export COVERAGE_FILE="$PWD/.coverage"  # one place for every process's data, whatever its cwd
 .venv/bin/python -m coverage erase
 status=0
