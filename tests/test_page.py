@@ -240,6 +240,10 @@ def test_text_to_image_watch_browse_reuse(
     expect(t2i.get_by_label("Iterations")).to_have_value("2")
     expect(t2i.get_by_label("Seed", exact=True)).to_have_value("42")
     expect(t2i.get_by_role("button", name="Make", exact=True)).to_be_focused()
+    # The same settings are the same job (its id is their hash): the page says so.
+    page.keyboard.press("Enter")
+    expect(page.locator("#text-to-image-status")).to_contain_text("made before")
+    expect(page.locator("#latest .card")).to_have_attribute("data-id", job_id)
 
     # "Same settings, new seed": the same but the seed, and it makes a new job.
     page.get_by_role("tab", name="Browse").click()

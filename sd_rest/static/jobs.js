@@ -15,6 +15,8 @@ class JobStore extends EventTarget {
   constructor() {
     super();
     this.jobs = new Map(); // id -> the job's item, as GET /jobs shows it
+    this.seq = 0; // counts the stream's events, to tell which news is newer (see `posted`)
+    this.heard = new Map(); // id -> this.seq when the stream last spoke of the job
     this.lastEventId = '';
     this.source = null;
     this.state = 'connecting'; // 'connecting' | 'live' | 'reconnecting'
@@ -100,6 +102,7 @@ class JobStore extends EventTarget {
   onEvent(name, e) {
     this.lastEventId = e.lastEventId;
     const data = JSON.parse(e.data);
+    this.heard.set(data.id, ++this.seq);
     const known = this.jobs.get(data.id);
     if (name in FINAL) {
       this.update(data.id, { ...data, status: FINAL[name] });
@@ -135,6 +138,14 @@ class JobStore extends EventTarget {
         // Only the descriptions are missing; the stream goes on.
       }
     }, 300);
+  }
+
+  // A job the page posted: `doc` is the answer to a POST sent when `this.seq` was `mark`. The
+  // stream may have told of the job since (a fast job can finish before the answer is read):
+  // then the stream is newer, and the answer only adds what the stream does not carry.
+  posted(id, doc, extra, mark) {
+    const newer = (this.heard.get(id) || 0) > mark;
+    return this.update(id, newer ? extra : { ...doc, ...extra });
   }
 
   async refresh(job) {

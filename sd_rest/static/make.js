@@ -319,6 +319,13 @@ class EndpointForm {
       this.showError('Paint over the part of the image to repaint first.', 'mask');
       return;
     }
+    // What is not a number reads as empty, which would quietly send nothing: say so instead.
+    for (const [name, input] of Object.entries(this.inputs)) {
+      if (input.validity && input.validity.badInput) {
+        this.showError(`${FIELD_NAMES[name] || name} must be a number.`, name);
+        return;
+      }
+    }
     if (this.randomEach.checked && this.inputs.seed) this.inputs.seed.value = randomSeed();
     this.remember();
     const body = new FormData();
@@ -334,14 +341,19 @@ class EndpointForm {
     if (this.painter && this.image) body.append('mask', await this.painter.toBlob(), 'mask.png');
     this.submit.disabled = true;
     this.say('Sending…');
+    const mark = jobs.seq;
     try {
       const doc = await request('POST', `/${this.endpoint}`, body);
       const id = jobId(doc.resultUrl);
-      const job = jobs.update(id, {
-        ...doc, endpoint: this.endpoint, params: { ...this.spec.defaults, ...params },
-        createdAt: jobs.get(id)?.createdAt || new Date().toISOString(),
-      });
-      this.say(statusLine(job));
+      // A new job (or one posted again) is announced on the stream; a job these settings had
+      // already made is not, and the answer says COMPLETE.
+      const madeBefore = doc.status === 'COMPLETE' && !((jobs.heard.get(id) || 0) > mark);
+      const job = jobs.posted(id, doc, {
+        endpoint: this.endpoint, params: { ...this.spec.defaults, ...params },
+      }, mark);
+      this.say(madeBefore
+        ? 'These exact settings were made before: that job is shown under Latest. Change the seed for a new image.'
+        : 'Sent: its progress shows under Latest.');
       onJob(job);
     } catch (error) {
       this.say('');
@@ -353,12 +365,4 @@ class EndpointForm {
   }
 }
 
-// What the form says once the server took the job. The id is a hash of the settings, so the
-// same settings give the same job: say so, as people expect a new image from a click.
-function statusLine(job) {
-  if (job.status === 'COMPLETE') {
-    return 'These exact settings were made before: that job is shown under Latest. Change the seed for a new image.';
-  }
-  return 'Sent: its progress shows under Latest.';
-}
 
