@@ -87,5 +87,7 @@ function tile(job, open) {
       onclick: () => open(job, 0),
     }, img, count > 1 ? h('span', { class: 'count', 'aria-hidden': 'true' }, `×${count}`) : null),
     h('p', { class: 'tile-title', title }, title),
-    h('p', { class: 'hint' }, `${ENDPOINT_NAMES[job.endpoint] || job.endpoint} · ${when(job.finishedAt)}`));
+    // The seed tells apart the variations of one prompt.
+    h('p', { class: 'hint' }, `${ENDPOINT_NAMES[job.endpoint] || job.endpoint} · seed ${job.params.seed}`),
+    h('p', { class: 'hint' }, when(job.finishedAt)));
 }
