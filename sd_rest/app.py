@@ -23,6 +23,7 @@ from aiohttp import web
 from .bodies import MAX_BODY_BYTES, first_line
 from .errors import ApiError
 from .manager import JobManager
+from .page import page_middleware
 from .routes import (
     CORS_HEADERS,
     MANAGER,
@@ -173,7 +174,8 @@ def connection_args(limits: Limits) -> dict[str, Any]:
 
 
 def create_app(manager: JobManager) -> web.Application:
-    middlewares: list[Middleware] = [json_errors]
+    # The page comes before the key check: a browser loads it without the key (page.py).
+    middlewares: list[Middleware] = [json_errors, page_middleware]
     if manager.settings.api_key:
         # Only then: the status GET's hot path carries no key check when there is no key.
         middlewares.append(api_key_middleware(manager.settings.api_key))
