@@ -16,11 +16,12 @@ fi
 .venv/bin/ruff check sd_rest tests bench
 
 # Coverage of the processes the tests start: this .pth file starts coverage.py in every Python
-# process of the venv that inherits SD_REST_COVERAGE, but for the simulator's scripts, which
+# process of the venv that inherits SD_REST_COVERAGE, but for the simulator's scripts (a .py
+# file of its folder as the program; `-c` code run there is measured), which
 # are not measured (omitted in pyproject.toml) and would pay coverage's start-up for each job.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 cat > "$site/sd_rest_coverage.pth" <<'PTH'
-import os, sys; exec("if os.environ.get('SD_REST_COVERAGE') and '/sd_rest/simulator/' not in os.path.realpath(sys.argv[0] if sys.argv and sys.argv[0] else '.'):\n import coverage\n os.environ['COVERAGE_PROCESS_START'] = os.environ['SD_REST_COVERAGE']\n try:\n  coverage.process_startup()\n finally:\n  del os.environ['COVERAGE_PROCESS_START']")
+import os, sys; exec("a = sys.argv[0] if sys.argv else ''\nif os.environ.get('SD_REST_COVERAGE') and not (a.endswith('.py') and '/sd_rest/simulator/' in os.path.realpath(a)):\n import coverage\n os.environ['COVERAGE_PROCESS_START'] = os.environ['SD_REST_COVERAGE']\n try:\n  coverage.process_startup()\n finally:\n  del os.environ['COVERAGE_PROCESS_START']")
 PTH
 export SD_REST_COVERAGE="$PWD/pyproject.toml"
 export SD_REST_ROOT="$PWD"  # where the measured source is, whatever a process's cwd

@@ -157,11 +157,23 @@ def imports(python: Path, repo: Path, timeout: float = 900) -> list[Result]:
     # Absolute, as the server's settings are: the check runs in the repository.
     python, repo = python.absolute(), repo.absolute()
     constraints = str(CONSTRAINTS) if CONSTRAINTS.is_file() else fork_imports.DEFAULT_CONSTRAINTS
-    source = Path(fork_imports.__file__).read_text(encoding="utf-8")
+    # Run by path through runpy, not as `python <file>`: that would put sd_rest/ first on the
+    # fork's sys.path, where our queue.py and the like would shadow the modules it imports.
+    probe = (
+        "import runpy, sys; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     try:
         run = subprocess.run(
-            [str(python), "-", "--json", "--constraints", constraints],
-            input=source,
+            [
+                str(python),
+                "-c",
+                probe,
+                fork_imports.__file__,
+                "--json",
+                "--constraints",
+                constraints,
+            ],
             capture_output=True,
             text=True,
             cwd=repo,

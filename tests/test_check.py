@@ -566,3 +566,20 @@ def test_check_finds_a_truncated_real_checkpoint(real_fork: RealFork, tmp_path: 
     truncate(copy, 0.9)
     result = check.checkpoint(copy, "text-to-image")
     assert result.failed and "is truncated" in result.detail
+
+
+def test_the_import_check_names_each_kind_of_problem_at_once() -> None:
+    # The test venv's own Python on the simulator: a stand-in torch and transformers that lack
+    # what the fork uses, packages the fork needs that are not installed, and a repository
+    # that is not the fork. Each is a problem of its own, each with its fix.
+    from sd_rest import check as checks
+    from sd_rest.demo import SIMULATOR
+
+    results = checks.imports(Path(sys.executable), SIMULATOR, timeout=300)
+    failed = [r for r in results if r.failed]
+    details = [r.detail for r in failed]
+    assert any("module 'torch' has no attribute" in d for d in details), details
+    assert any(d.startswith("not installed in the fork's venv: torchvision") for d in details)
+    assert any("has no module ldm.models.diffusion.ddim" in d for d in details), details
+    assert all(r.fix for r in failed)
+    assert results[-1].item == "device" and not results[-1].failed
