@@ -139,6 +139,10 @@ class Worker:
                 for i, event in enumerate(self._events):
                     if match(event):
                         return self._events.pop(i)
+                if any(event["event"] == "eof" for event in self._events):
+                    # Nothing comes after the socket's end: say why now, not after the time-out.
+                    tail = bytes(self.output[-4000:]).decode(errors="replace")
+                    raise AssertionError(f"the worker ended: {self._events}\n{tail}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(f"no matching event in {timeout} s: {self._events}")
