@@ -223,7 +223,8 @@ class EventHub:
         if kind == "image":
             record = event.data
             url = f"{job.result_url}/{record.n}.png"
-            return "image", {**_ids(job), "url": url, "number": record.n, "seed": record.seed}
+            made = {"number": record.n, "seed": record.seed, "position": record.position}
+            return "image", {**_ids(job), "url": url, **made}
         if kind in FINAL:
             self._loading.discard(key)
             return kind, job_item(job)

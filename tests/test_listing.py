@@ -134,7 +134,8 @@ def test_filters_items_and_positions(make_server: Callable[..., Server]) -> None
     assert positions(server) == {url: n for n, url in enumerate(waiting, 1)}
     for n, url in enumerate(waiting, 1):
         doc = server.get(url).json()
-        assert doc == {"status": "QUEUED", "resultUrl": url, "imageUrls": [], "position": n}
+        queued = {"status": "QUEUED", "resultUrl": url, "imageUrls": [], "images": []}
+        assert doc == {**queued, "position": n}
     # Every item is the status document plus what identifies the job.
     for item in listing["items"]:
         doc = server.get(item["resultUrl"]).json()
