@@ -75,7 +75,8 @@ def parse_event_id(text: str | None) -> int | None:
     if text is None:
         return None
     text = text.strip()
-    if not text.isdigit() or len(text) > 20:
+    # isascii: str.isdigit also takes digits int() cannot read ("²"), a 500 otherwise.
+    if not (text.isascii() and text.isdigit()) or len(text) > 20:
         return None
     return int(text)
 
