@@ -48,7 +48,7 @@ def test_schemathesis_finds_nothing_against_the_demo_server(make_server) -> None
     # Long steps: the jobs it posts wait in the queue instead of drawing images on the CPU.
     server = make_server(env={"SD_SIM_STEP_SECONDS": "5"})
     started = time.monotonic()
-    status, output = schemathesis(server, "--max-examples", "10")
+    status, output = schemathesis(server, "--max-examples", "6")
     print(output[-3000:], f"\n(schemathesis: {time.monotonic() - started:.1f} s)")
     assert status == 0 and passed(output), output[-20000:]
     assert "Stateful" in output and "passed" in output
@@ -64,7 +64,7 @@ def test_schemathesis_with_the_api_key(make_server) -> None:
         server,
         "--header", f"Authorization: Bearer {KEY}",
         "--max-examples", "5",
-        "--phases", "coverage,fuzzing",
+        "--phases", "coverage",
     )  # fmt: skip
     assert status == 0 and passed(output), output[-20000:]
 
