@@ -195,8 +195,9 @@ def test_a_checkpoint_is_hashed_once_and_the_digest_survives_a_restart(tmp_path:
     assert Provenance(cache, tmp_path).checkpoint_sha256(tmp_path / "missing.ckpt") is None
 
 
-def big_sparse_file(path: Path, size: int = 2 * 1024**3) -> Path:
-    """Seconds of hashing (about 250 MB/s here) for no disk space."""
+def big_sparse_file(path: Path, size: int = 32 * 1024**3) -> Path:
+    """Far more hashing than a job takes (1.3 GB/s at best here: 25 s), for no disk space;
+    the tests stop it when they end (Provenance.close)."""
     with path.open("wb") as file:
         file.truncate(size)
     return path
