@@ -554,7 +554,9 @@ class _Builder:
                 for status, response in operation["responses"].items()
             }
             item["head"] = {
-                "operationId": f"head{operation['operationId'][3:]}",
+                "operationId": "head"
+                + operation["operationId"][:1].upper()
+                + operation["operationId"][1:],
                 "summary": f"{operation['summary']} (headers only)",
                 "tags": operation["tags"],
                 "responses": responses,

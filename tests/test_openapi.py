@@ -41,6 +41,13 @@ def test_the_document_is_valid_openapi_3_1(api_key: bool) -> None:
     validate(doc)  # openapi-spec-validator: raises on anything invalid
     assert doc["openapi"] == "3.1.0" and doc["info"]["version"] == __version__
     assert ("security" in doc) == api_key
+    ids = [
+        op["operationId"]
+        for item in doc["paths"].values()
+        for op in item.values()
+        if "responses" in op
+    ]
+    assert len(ids) == len(set(ids)) == 55  # 20 paths: each operation once, HEAD and OPTIONS too
 
 
 def _app_routes(tmp_path: Path, **changes: Any) -> set[tuple[str, str]]:
