@@ -14,6 +14,7 @@ responses; schemathesis checks it against the demo server.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Final
 
 from .bodies import MAX_BODY_BYTES, MAX_PARTS, MAX_TEXT_BYTES
@@ -540,6 +541,7 @@ class _Builder:
         operation: dict[str, Any],
         head: bool = False,
         parameters: list[dict[str, Any]] | None = None,
+        options: bool = True,
     ) -> None:
         item = self.paths.setdefault(path, {})
         if parameters:
@@ -562,7 +564,7 @@ class _Builder:
                 "responses": responses,
                 **({"security": operation["security"]} if "security" in operation else {}),
             }
-        if "options" not in item:
+        if options and "options" not in item:
             item["options"] = {
                 "operationId": "options" + _camel(path),
                 "summary": "CORS preflight",
@@ -600,14 +602,29 @@ def build_document(version: str, api_key: bool) -> dict[str, Any]:
         "schema": {"type": "string", "pattern": f"^{ID_REGEX}$"},
         "description": "The job's id: 32 lowercase hex characters.",
     }
+    vary = {"Vary": {"schema": {"const": "Accept"}, "description": "The answer depends on Accept."}}
     b.add(
         "/",
         "get",
         {
             "operationId": "getServer",
             "summary": "The server: version, endpoints, jobs running and queued",
+            "description": "A browser, whose Accept asks for text/html before "
+            "application/json, gets the web page instead (page.py); `*/*` and no Accept get "
+            "the JSON.",
             "tags": ["Server"],
-            "responses": {"200": _json(_ref("ServerInfo"), "The server."), **b.errors()},
+            "responses": {
+                "200": {
+                    "description": "The server, or the web page for a browser.",
+                    "headers": vary,
+                    "content": {
+                        "application/json": {"schema": _ref("ServerInfo")},
+                        "text/html": {"schema": {"type": "string"}},
+                    },
+                },
+                "304": {"description": "The page has not changed (If-None-Match)."},
+                **b.errors(),
+            },
         },
         head=True,
     )
@@ -615,6 +632,7 @@ def build_document(version: str, api_key: bool) -> dict[str, Any]:
         _endpoint_paths(b, name, endpoint, job_status, id_parameter)
     _listing_and_streams(b)
     _documentation_paths(b)
+    _page_paths(b)
     security_schemes: dict[str, Any] = {
         "bearerAuth": {
             "type": "http",
@@ -904,6 +922,63 @@ def _listing_and_streams(b: _Builder) -> None:
                 **b.errors(),
             },
         },
+    )
+
+
+def _page_paths(b: _Builder) -> None:
+    """The web page's files (page.py): served before routing and before the API key check,
+    for GET and HEAD only (anything else there is a 404, as for any path that is no route)."""
+    from .page import CONTENT_TYPES, PREFIX, static_files
+
+    names = sorted(static_files())
+    types = sorted({CONTENT_TYPES[Path(name).suffix].split(";")[0] for name in names})
+    page_errors = {k: v for k, v in b.errors(404).items() if k != "401"}
+    revalidated = {"304": {"description": "Not modified (If-None-Match with its ETag)."}}
+    b.add(
+        PREFIX,
+        "get",
+        {
+            "operationId": "getPage",
+            "summary": "The web page (as / gives a browser)",
+            "tags": ["Server"],
+            "security": [],
+            "responses": {
+                "200": {"description": "The page.", "content": {"text/html": {"schema": {}}}},
+                **revalidated,
+                **page_errors,
+            },
+        },
+        head=True,
+        options=False,
+    )
+    b.add(
+        PREFIX + "{file}",
+        "get",
+        {
+            "operationId": "getPageFile",
+            "summary": "One of the web page's files",
+            "tags": ["Server"],
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "The file.",
+                    "content": {media: {"schema": {}} for media in types},
+                },
+                **revalidated,
+                **page_errors,
+            },
+        },
+        head=True,
+        parameters=[
+            {
+                "name": "file",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "enum": names},
+                "description": "Only these names are served; anything else is a 404.",
+            }
+        ],
+        options=False,
     )
 
 

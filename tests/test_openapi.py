@@ -25,6 +25,7 @@ from sd_rest.errors import ApiError
 from sd_rest.fields import FIELDS, FileField, NumberField
 from sd_rest.manager import JobManager
 from sd_rest.openapi import ERROR_CODES, build_document, crashing_steps
+from sd_rest.page import static_files
 from sd_rest.validation import validate_params
 
 from helpers import ROOT, Server, mask_bytes, png_bytes, wait_until
@@ -47,7 +48,7 @@ def test_the_document_is_valid_openapi_3_1(api_key: bool) -> None:
         for op in item.values()
         if "responses" in op
     ]
-    assert len(ids) == len(set(ids)) == 55  # 20 paths: each operation once, HEAD and OPTIONS too
+    assert len(ids) == len(set(ids)) == 59  # 22 paths: each operation once, HEAD and OPTIONS too
 
 
 def _app_routes(tmp_path: Path, **changes: Any) -> set[tuple[str, str]]:
@@ -69,7 +70,12 @@ def test_every_route_of_the_app_is_in_the_document_and_nothing_else(tmp_path: Pa
     app_routes = _app_routes(tmp_path)
     assert ("get", "/text-to-image/{id}/{n}.png") in app_routes  # the comparison means something
     assert ("get", "/events") in app_routes and ("post", "/events/token") in app_routes
-    assert _document_routes(build_document(__version__, False)) == app_routes
+    doc = build_document(__version__, False)
+    # The web page's files are served before routing (page.py): documented as paths too.
+    page = {(m, p) for m in ("get", "head") for p in ("/ui/", "/ui/{file}")}
+    assert _document_routes(doc) == app_routes | page
+    names = doc["paths"]["/ui/{file}"]["parameters"][0]["schema"]["enum"]
+    assert names == sorted(static_files()) and "app.js" in names
 
 
 def _raised_codes() -> set[tuple[int, str]]:
@@ -259,9 +265,17 @@ class Checked:
 def test_every_kind_of_real_response_validates_against_the_document(make_server) -> None:
     server = make_server(env={"SD_SIM_STEP_SECONDS": "0.03", "SD_SIM_LOAD_SECONDS": "0.3"})
     api = Checked(server)
-    for path in ("/", "/docs", "/docs/docs.js", "/docs/docs.css", "/jobs"):
+    for path in ("/", "/docs", "/docs/docs.js", "/docs/docs.css", "/jobs", "/ui/", "/ui/app.js"):
         assert api.request("GET", path).status == 200
         assert api.request("HEAD", path).status == 200
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    page = api.request("GET", "/", headers=browser)
+    assert page.headers["Content-Type"].startswith("text/html")
+    assert (
+        api.request("GET", "/", headers={**browser, "If-None-Match": page.headers["ETag"]}).status
+        == 304
+    )
+    assert api.request("GET", "/ui/nope.js").status == 404
     assert api.request("OPTIONS", "/text-to-image").status == 204
 
     # Three jobs, one per body type; the first watched on its own stream from the start.
