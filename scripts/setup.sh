@@ -131,6 +131,12 @@ step_fork() {
       say "fork: unpacking $archive into $REPO"
       mkdir -p "$partial"
       tar -xzf "$archive" -C "$partial" || fail "could not unpack $archive (is it a .tar.gz of the fork?)"
+      # An archive has no history: the commit git wrote into it (GitHub's archives carry it) is
+      # kept for the images' metadata (sd_rest/provenance.py), once the tree is in place.
+      local commit=""
+      if command -v git >/dev/null; then
+        commit=$(gzip -dc "$archive" 2>/dev/null | git get-tar-commit-id 2>/dev/null || true)
+      fi
       if [[ $FORK == *://* ]]; then rm -f "$archive"; fi
       # Archives hold the tree inside one top folder (GitHub's do, as `stable-diffusion-<commit>`).
       local inner
@@ -138,6 +144,8 @@ step_fork() {
       if [ ! -d "$partial/scripts" ] && [ "$(printf '%s\n' "$inner" | wc -l)" -eq 1 ] && [ -d "$inner" ]; then
         mv "$inner" "$partial.inner" && rmdir "$partial" && mv "$partial.inner" "$partial"
       fi
+      # Not code: the fork's tree itself is untouched.
+      if [ -n "$commit" ]; then printf '%s\n' "$commit" > "$partial/.source-commit"; fi
       ;;
     *) fail "SD_REST_FORK=$FORK is neither a git URL, a folder nor a .tar.gz archive" ;;
   esac

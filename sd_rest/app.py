@@ -21,6 +21,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from .bodies import MAX_BODY_BYTES, first_line
+from .docs import OPEN_ROUTES
 from .errors import ApiError
 from .manager import JobManager
 from .page import page_middleware
@@ -125,7 +126,8 @@ async def add_cors(request: web.BaseRequest, response: web.StreamResponse) -> No
 
 
 def api_key_middleware(key: str) -> Middleware:
-    """Every request but a CORS preflight needs `Authorization: Bearer <key>`; an event
+    """Every request but a CORS preflight and the documentation page's files (docs.py: a
+    browser opens a page without headers) needs `Authorization: Bearer <key>`; an event
     stream may instead carry a stream token (`?token=`, tokens.py) in its URL.
 
     The digests are compared, not the strings: constant time, and it does not leak the length.
@@ -135,7 +137,7 @@ def api_key_middleware(key: str) -> Middleware:
 
     @web.middleware
     async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method != "OPTIONS":
+        if request.method != "OPTIONS" and request.match_info.route.name not in OPEN_ROUTES:
             scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
             given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
             if not (

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA: Final = "1"
+# 2: items carry `images` (issue 12); an index of another schema is made again at start.
+SCHEMA: Final = "2"
 _TABLES: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (

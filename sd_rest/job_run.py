@@ -12,12 +12,15 @@ import os
 import signal
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 
 from .disk import is_disk_full
 from .endpoints import ENDPOINTS
 from .exits import ScriptExit, failure_message
 from .jobs import Job
+from .labels import ImageLabeler, describe_run
 from .progress import ProgressParser, last_error
+from .provenance import provenance_for
 from .publisher import ImagePublisher
 from .runners import Outcome, OutcomeKind, RunSink
 from .scripts import plan_run
@@ -111,6 +114,7 @@ class JobRun(ABC):
             lambda n: self.store.layout.image(self.job.endpoint, self.job.id, n),
             self.sink,
             self._write_failed,
+            self._labeler(),
         )
         publisher.start()
         try:
@@ -122,6 +126,17 @@ class JobRun(ABC):
             for kill in self._kills:
                 kill.cancel()
         return await self._finish(ended)
+
+    def _labeler(self) -> ImageLabeler | None:
+        """What adds each image's metadata; None (images go without it) if it cannot be made:
+        metadata never stops a run."""
+        try:
+            provenance = provenance_for(self.settings.output, self.settings.repository)
+            run = describe_run(self.job, self.plan)
+        except Exception:
+            log.exception("job %s/%s: no metadata for its images", self.job.endpoint, self.job.id)
+            return None
+        return ImageLabeler(run, Path(self.job.checkpoint), provenance)
 
     @abstractmethod
     async def _execute(self, workspace: Workspace, publisher: ImagePublisher) -> ScriptExit | str:

@@ -132,7 +132,13 @@ class Job:
                 "currentImageProgress": round(fraction, 4),
                 "totalImages": self.total_images,
             }
-        doc["imageUrls"] = [f"{self.result_url}/{image.n}.png" for image in self.images]
+        urls = [f"{self.result_url}/{image.n}.png" for image in self.images]
+        doc["imageUrls"] = urls
+        # Each image's run seed and place in that run: how to make it again (README, "Seeds").
+        doc["images"] = [
+            {"url": url, "seed": image.seed, "position": image.position}
+            for url, image in zip(urls, self.images, strict=True)
+        ]
         if status is Status.FAILED:
             doc["error"] = self.error or "the script failed"
         if status is Status.QUEUED and position is not None:

@@ -133,7 +133,8 @@ def _choices(given: list[str], name: str, allowed: Mapping[str, Any]) -> list[An
 
 def _limit(text: str) -> int:
     message = f"limit must be a whole number from 1 to {MAX_LIMIT}"
-    if not text.strip().isdigit():
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit()):  # "²" is a digit int() cannot read
         raise invalid("limit", message)
     limit = int(text)
     if not 1 <= limit <= MAX_LIMIT:

@@ -23,6 +23,7 @@ from .events import JobEvents
 from .fields import Params
 from .jobs import ImageRecord, Job, Status, job_id
 from .layout import Key, Layout
+from .provenance import provenance_for
 from .queue import JobQueue, Place
 from .recovery import Recovery
 from .runners import Outcome, OutcomeKind, Runner, RunnerFactory, Runners
@@ -74,6 +75,8 @@ class JobManager:
         self.closing = False
         self._stop_sweep = threading.Event()
         self._sweeper: asyncio.Future[None] | None = None
+        # The checkpoints' digests and the fork's commit, for the images' metadata.
+        self.provenance = provenance_for(settings.output, settings.repository)
 
     # --- start and stop ---------------------------------------------------------------
 
@@ -92,6 +95,10 @@ class JobManager:
         self.queue.start()
         self.store.start_syncing()  # states the disk refused during recovery
         self._sweeper = asyncio.get_running_loop().run_in_executor(None, self._sweep)
+        # Hashing the checkpoints takes seconds: begun now, in its own thread, so the first
+        # images usually have it; an image published before it is known goes without it.
+        models = (self.settings.text_to_image_model, self.settings.inpaint_image_model)
+        self.provenance.start([model.resolve() for model in models])
 
     def _sweep(self) -> None:
         reconciling = self.store.index.reconciling
@@ -117,6 +124,7 @@ class JobManager:
         them resumable: they are queued again on disk, for the next start."""
         self.stop_taking()
         self._stop_sweep.set()
+        self.provenance.close()
         for runner, _ in list(self._running.values()):
             runner.stop(self.settings.shutdown_grace)
         await self.queue.close()

@@ -5,6 +5,10 @@ The scripts write their PNGs in place, so a file can be seen half written: only 
 PNG is taken. Files are looked at when the watcher reports a change in the run's folder, when
 the script's outer progress bar moves on (a batch's files are saved before it does), and once
 more when the run ends.
+
+Each image gets its metadata (labels.py: text chunks only, the script's bytes untouched) on
+its way to the job folder, before it is visible. Metadata is a nicety: when making it fails
+the image is published without it and the failure logged, never lost or held back.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class ImagePublisher:
         target: Callable[[int], Path],
         sink: RunSink,
         on_fault: Callable[[OSError, str], None],
+        label: Callable[[bytes, int, int], bytes] | None = None,
     ) -> None:
         self._endpoint = endpoint
         self._folders = folders
@@ -42,6 +47,7 @@ class ImagePublisher:
         self._target = target  # where image n is published
         self._sink = sink
         self._on_fault = on_fault
+        self._label = label  # (png, image number, position in the run) -> labelled png
         self._lock = asyncio.Lock()
         self.taken = 0  # this run's output files published so far
         self._failed = False
@@ -100,5 +106,15 @@ class ImagePublisher:
             return None
         if not is_complete_png(data):
             return None
+        data = self._labelled(data, n)
         write_atomic(self._target(n), data)
         return hashlib.sha256(data).hexdigest()
+
+    def _labelled(self, data: bytes, n: int) -> bytes:
+        if self._label is None:
+            return data
+        try:
+            return self._label(data, n, self.taken + 1)
+        except Exception:
+            log.exception("image %d: its metadata could not be added; published without it", n)
+            return data

@@ -59,7 +59,13 @@ def add_routes(app: web.Application) -> None:
 
     Methods are added per resource so that a wrong method is a 405 and an unknown path a 404.
     """
+    from .docs import DOC_ASSETS, OPENAPI_BODY, asset_handler, openapi, openapi_body, route_name
+
     _resource(app, "/", {"GET": index})
+    app[OPENAPI_BODY] = openapi_body(api_key=bool(app[MANAGER].settings.api_key))
+    _resource(app, "/openapi.json", {"GET": openapi})
+    for path in DOC_ASSETS:
+        _resource(app, path, {"GET": asset_handler(path)}, name=route_name(path))
     _resource(app, "/jobs", {"GET": jobs})
     _resource(app, "/events", {"GET": all_events}, name="events")
     _resource(app, "/events/token", {"POST": stream_token})

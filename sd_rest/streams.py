@@ -75,7 +75,8 @@ def parse_event_id(text: str | None) -> int | None:
     if text is None:
         return None
     text = text.strip()
-    if not text.isdigit() or len(text) > 20:
+    # isascii: str.isdigit also takes digits int() cannot read ("²"), a 500 otherwise.
+    if not (text.isascii() and text.isdigit()) or len(text) > 20:
         return None
     return int(text)
 
@@ -223,7 +224,8 @@ class EventHub:
         if kind == "image":
             record = event.data
             url = f"{job.result_url}/{record.n}.png"
-            return "image", {**_ids(job), "url": url, "number": record.n, "seed": record.seed}
+            made = {"number": record.n, "seed": record.seed, "position": record.position}
+            return "image", {**_ids(job), "url": url, **made}
         if kind in FINAL:
             self._loading.discard(key)
             return kind, job_item(job)

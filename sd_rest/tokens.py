@@ -46,7 +46,7 @@ def token_valid(key: bytes, token: str | None, now: float) -> bool:
         return False
     payload, _, signature = token.rpartition(".")
     expires, _, nonce = payload.partition(".")
-    if not (expires.isdigit() and nonce):
+    if not (expires.isascii() and expires.isdigit() and nonce):
         return False
     good = hmac.compare_digest(_sign(key, payload).encode(), signature.encode("utf-8", "replace"))
     return good and now <= int(expires)

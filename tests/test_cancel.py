@@ -43,7 +43,7 @@ def test_cancel_a_queued_job_at_once_and_again(make_server, argv_log: Path) -> N
     queued = server.post_form("text-to-image", {**PARAMS, "prompt": "queued"}).headers["Location"]
     resp = server.request("DELETE", queued)
     assert resp.status == 200
-    assert resp.json() == {"status": "CANCELED", "resultUrl": queued, "imageUrls": []}
+    assert resp.json() == {"status": "CANCELED", "resultUrl": queued, "imageUrls": [], "images": []}
     assert server.get(queued).json()["status"] == "CANCELED"
     sidecar = read_sidecar(server.output, queued)
     assert sidecar["status"] == "CANCELED" and sidecar["finishedAt"] is not None

@@ -134,7 +134,8 @@ def test_filters_items_and_positions(make_server: Callable[..., Server]) -> None
     assert positions(server) == {url: n for n, url in enumerate(waiting, 1)}
     for n, url in enumerate(waiting, 1):
         doc = server.get(url).json()
-        assert doc == {"status": "QUEUED", "resultUrl": url, "imageUrls": [], "position": n}
+        queued = {"status": "QUEUED", "resultUrl": url, "imageUrls": [], "images": []}
+        assert doc == {**queued, "position": n}
     # Every item is the status document plus what identifies the job.
     for item in listing["items"]:
         doc = server.get(item["resultUrl"]).json()
@@ -242,3 +243,17 @@ def test_the_index_survives_crashes_and_outside_changes(make_server: Callable[..
     server = make_server(output=output)
     assert {i["resultUrl"] for i in every_page(server, "", 500)} == (urls - {gone}) | {new}
     assert server.get("/.index.sqlite3").status == 404
+
+
+@pytest.mark.parametrize("digits", ["²", "1²", "٣"])
+def test_digits_int_cannot_read_or_that_are_not_ascii_are_a_400_not_a_500(digits: str) -> None:
+    # str.isdigit takes "²", which int() refuses: that was an internal error (found with
+    # schemathesis' help, issue 12). The same in a Last-Event-ID and a stream token's expiry.
+    from sd_rest.streams import parse_event_id
+    from sd_rest.tokens import token_key, token_valid
+
+    with pytest.raises(ApiError) as refused:
+        parse_query([("limit", digits)])
+    assert (refused.value.status, refused.value.field) == (400, "limit")
+    assert parse_event_id(digits) is None
+    assert not token_valid(token_key("k"), f"{digits}.nonce.signature", time.time())

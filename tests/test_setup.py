@@ -177,6 +177,32 @@ def test_fork_from_an_archive_relative_to_the_caller(tmp_path: Path) -> None:
     assert not list((tmp_path / "home" / "vendor").glob(".*partial*"))
 
 
+def test_fork_from_a_git_archive_keeps_its_commit_for_the_images(tmp_path: Path) -> None:
+    from sd_rest.provenance import read_fork_commit
+
+    source, first, _ = git_fork(tmp_path / "source")
+    archive = tmp_path / "fork.tar.gz"
+    subprocess.run(
+        ["git", "-C", str(source), "archive", "--format=tar.gz", "--prefix=sd-x/",
+         "-o", str(archive), first],
+        check=True,
+    )  # fmt: skip
+    result = setup(
+        "fork", env={"SD_REST_DIR": str(tmp_path / "home"), "SD_REST_FORK": str(archive)}
+    )
+    assert result.returncode == 0, result.stderr
+    repo = tmp_path / "home" / "vendor" / "stable-diffusion"
+    assert (repo / ".source-commit").read_text() == f"{first}\n"
+    assert read_fork_commit(repo) == first
+    # An archive git did not make (fork_archive) carries none: nothing is written.
+    plain = setup(
+        "fork",
+        env={"SD_REST_DIR": str(tmp_path / "other"), "SD_REST_FORK": str(fork_archive(tmp_path))},
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert not (tmp_path / "other" / "vendor" / "stable-diffusion" / ".source-commit").exists()
+
+
 def test_fork_source_that_is_not_the_fork(tmp_path: Path) -> None:
     (tmp_path / "other" / "src").mkdir(parents=True)
     subprocess.run(["tar", "-czf", "other.tar.gz", "other"], cwd=tmp_path, check=True)
