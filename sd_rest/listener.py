@@ -106,6 +106,7 @@ class Listener:
         self._handshaking: set[asyncio.Task[None]] = set()
         self._sockets: list[socket.socket] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._comings_and_goings = 0  # accepts and ends: memory to reclaim when it moves
         self._reclaimed_at = 0
         self._trim = _malloc_trim()
 
@@ -132,6 +133,11 @@ class Listener:
         self._tasks = [loop.create_task(self._accept(sock)) for sock in self._sockets]
         self._tasks.append(loop.create_task(self._reclaim_memory()))
 
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port) of every listening socket: the port chosen when `port` was 0."""
+        return [sock.getsockname()[:2] for sock in self._sockets]
+
     async def stop(self) -> None:
         """Stop listening and drop connections still in their handshake; the ones aiohttp
         serves are its to close (runner.cleanup)."""
@@ -155,6 +161,7 @@ class Listener:
                 await asyncio.sleep(0.1)
                 continue
             self.accepted += 1
+            self._comings_and_goings += 1
             if self.open >= self.max_connections:
                 self.refused += 1
                 # Closed before any TLS: the client sees the connection end at once.
@@ -168,6 +175,7 @@ class Listener:
 
     def _closed(self) -> None:
         self.open -= 1
+        self._comings_and_goings += 1
 
     async def _handshake(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -189,8 +197,10 @@ class Listener:
     async def _reclaim_memory(self) -> None:
         while True:
             await asyncio.sleep(RECLAIM_EVERY)
-            if self.accepted != self._reclaimed_at:
-                self._reclaimed_at = self.accepted
+            # Closes count as well as accepts: the memory is only free once they are gone, which
+            # may be after the last accept has been seen.
+            if self._comings_and_goings != self._reclaimed_at:
+                self._reclaimed_at = self._comings_and_goings
                 self.reclaim()
 
     def reclaim(self) -> None:

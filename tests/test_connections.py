@@ -3,12 +3,16 @@ the clients already connected are served as before."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import socket
 import ssl
 import time
 
 import pytest
+
+from sd_rest.listener import RECLAIM_EVERY, Listener
 
 from helpers import Server, read_response, tls_socket
 
@@ -72,3 +76,54 @@ def test_the_limit_counts_connections_still_in_their_handshake(make_server) -> N
     time.sleep(0.3)
     with tls_socket(server) as sock:
         assert get_on(sock) == 200
+
+
+def test_memory_is_reclaimed_after_connections_close_not_only_after_they_come(
+    certs: tuple[str, str, str],
+) -> None:
+    """The listener's full collection (what frees the cycles closed TLS connections leave)
+    runs after the last connection has gone, even when no connection came since the
+    collection before: the closes alone must bring it."""
+    cert, key, ca = certs
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=ca)
+    full_collections: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full_collections.append(time.monotonic())
+
+    async def scenario() -> None:
+        listener = Listener(asyncio.Protocol, server_context, "127.0.0.1", 0)
+        await listener.start()
+        ((_, port),) = listener.addresses
+        try:
+            clients = [
+                await asyncio.open_connection("127.0.0.1", port, ssl=client_context,
+                                              server_hostname="localhost")
+                for _ in range(5)
+            ]  # fmt: skip
+            # A reclaim sees the accepts while the connections are still open.
+            collections_before = len(full_collections)
+            while len(full_collections) == collections_before:
+                await asyncio.sleep(0.05)
+            for _, writer in clients:
+                writer.close()
+            while listener.open:
+                await asyncio.sleep(0.01)
+            gone = time.monotonic()
+            deadline = gone + 3 * RECLAIM_EVERY
+            while not any(t > gone for t in full_collections) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert any(t > gone for t in full_collections), "no collection after the closes"
+        finally:
+            await listener.stop()
+
+    gc.disable()  # only the listener's own collections are counted
+    gc.callbacks.append(on_gc)
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        gc.callbacks.remove(on_gc)
+        gc.enable()

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
+
+from helpers import SIMULATOR, read_jsonl
 from workerharness import (
     DRIVER,
     Finished,
@@ -32,8 +34,6 @@ from workerharness import (
     run_by_hand,
     traceback_of,
 )
-
-from helpers import SIMULATOR, read_jsonl
 
 PYTHON = Path(sys.executable)
 T2I_CKPT = SIMULATOR / "models" / "demo" / "text-to-image.ckpt"

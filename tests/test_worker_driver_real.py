@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from workerharness import Finished, Worker, inpaint_cwd, pngs, run_by_hand, traceback_of
 
 from realfork import RealFork
+from workerharness import Finished, Worker, inpaint_cwd, pngs, run_by_hand, traceback_of
 
 pytestmark = pytest.mark.real_fork
 
