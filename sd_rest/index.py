@@ -55,13 +55,15 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_newest ON jobs (created, endpoint, id);
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created, endpoint, id);
 """
-# (endpoint, id, created, status, item): a row as the writers put it.
-NewRow = tuple[str, str, float, str, str]
+# (endpoint, id, created, status, item): a row as the writers put it. The item is made on
+# the caller's thread (the job as it reads now: fresh dicts, never changed after) and
+# serialised in the index's, off the event loop.
+NewRow = tuple[str, str, float, str, dict[str, Any]]
 
 
 def row_of(job: Job) -> NewRow:
     """What the index keeps of a job: its place and status, and its item as it reads now."""
-    return (job.endpoint, job.id, job.created_at, job.status.value, dumps(job_item(job)))
+    return (job.endpoint, job.id, job.created_at, job.status.value, job_item(job))
 
 
 class JobIndex:
@@ -199,7 +201,7 @@ class JobIndex:
                     mtime = _mtime(self.layout.job_dir(endpoint, job_id) / SIDECAR)
                     db.execute(
                         "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
-                        (endpoint, job_id, created, status, mtime, item),
+                        (endpoint, job_id, created, status, mtime, dumps(item)),
                     )
             db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -276,7 +278,7 @@ class JobIndex:
             endpoint_, id_, created, status, item = row_of(job)
             db.execute(
                 "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
-                (endpoint_, id_, created, status, mtime, item),
+                (endpoint_, id_, created, status, mtime, dumps(item)),
             )
         gone = [key for key in known if key not in seen]
         db.executemany("DELETE FROM jobs WHERE endpoint = ? AND id = ?", gone)

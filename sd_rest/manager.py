@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from . import lifecycle, pty_process
@@ -154,9 +155,9 @@ class JobManager:
         self._last_seq = max(self._last_seq + 1, time.time_ns())
         return self._last_seq
 
-    def check_ready(self, endpoint: str) -> str:
+    def check_ready(self, endpoint: str) -> Path:
         """503 when this endpoint's jobs cannot run: say so now, not after a model load.
-        Returns the checkpoint's path."""
+        Returns the checkpoint's path as configured."""
         if self.closing:
             raise ApiError(503, "shutting_down", "the server is shutting down")
         model = ENDPOINTS[endpoint].model
@@ -173,14 +174,15 @@ class JobManager:
                 "python_missing",
                 f"the scripts' interpreter is missing: {self.settings.python}",
             )
-        return str(checkpoint.resolve())
+        return checkpoint
 
     async def submit(
         self, endpoint: str, params: Params, uploads: dict[str, bytes], inputs: dict[str, bytes]
     ) -> Job:
         """`uploads`: the bytes the client sent (they make the id); `inputs`: the files the
         script reads."""
-        checkpoint = self.check_ready(endpoint)
+        # Resolved here only (a realpath is a stat per folder): the id names the real file.
+        checkpoint = str(self.check_ready(endpoint).resolve())
         digests = {field: hashlib.sha256(data).hexdigest() for field, data in uploads.items()}
         key = (endpoint, job_id(endpoint, params, checkpoint, digests))
         # Before the first await: concurrent submissions must not all see the same free room.

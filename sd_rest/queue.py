@@ -77,6 +77,9 @@ class JobQueue:
 
     def _moved(self, jobs: Iterable[tuple[Job, int]]) -> None:
         self._positions = None
+        self._told(jobs)
+
+    def _told(self, jobs: Iterable[tuple[Job, int]]) -> None:
         if self.on_moved is not None:
             self.on_moved(jobs)
 
@@ -99,8 +102,16 @@ class JobQueue:
         """Queue `job`, in the place reserved for it (recovered jobs need none)."""
         if place is not None:
             place.release()
-        self._waiting[self.key(job)] = job
-        self._moved([(job, len(self._waiting))])
+        key = self.key(job)
+        joined = key not in self._waiting
+        self._waiting[key] = job
+        position = len(self._waiting)
+        if joined and self._positions is not None:
+            # Joining at the end moves no one else: the table stays good (a POST is O(1)).
+            self._positions[key] = position
+            self._told([(job, position)])
+        else:
+            self._moved([(job, position)])
         async with self._changed:
             self._changed.notify()
 
