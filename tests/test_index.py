@@ -8,9 +8,12 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import sys
+import threading
 from pathlib import Path
 
+from sd_rest import index as index_module
 from sd_rest.events import JobEvents
 from sd_rest.index import JobIndex
 from sd_rest.jobs import Job, Status
@@ -118,3 +121,35 @@ def test_the_store_keeps_it_and_a_damaged_file_is_made_again(tmp_path: Path) -> 
     index.reconcile().result()
     assert len(all_rows(index)) == 4  # the forgotten job's folder is still there
     index.close()
+
+
+def test_changes_are_written_in_batches_yet_a_page_and_the_close_never_wait(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """With a write delay far beyond the test's time-out, a page still sees every change put
+    before it (it wakes the waiting batch), and the close writes what is queued: the next
+    server reads no sidecar again."""
+    monkeypatch.setattr(index_module, "WRITE_DELAY", 3600.0)
+    output = tmp_path / "output"
+    jobs = on_disk(output, 30)
+    index = JobIndex(Layout(output))
+    for job in jobs[:20]:
+        index.put(job)
+
+    async def first_page() -> list:
+        return await asyncio.wait_for(index.page(ALL, ENDPOINTS, None, 50), 20)
+
+    assert {r.id for r in asyncio.run(first_page())} == {j.id for j in jobs[:20]}
+    for job in jobs[20:]:
+        index.put(job)
+    shutil.rmtree(output / jobs[0].endpoint / jobs[0].id)  # as the store forgets a job
+    index.remove(jobs[0].endpoint, jobs[0].id)
+    closer = threading.Thread(target=index.close)
+    closer.start()
+    closer.join(20)
+    assert not closer.is_alive(), "the close waited for the batch's delay"
+
+    again = JobIndex(Layout(output))
+    assert again.reconcile().result() == 0  # closed in order, every row as its sidecar
+    assert {r.id for r in all_rows(again)} == {j.id for j in jobs[1:]}
+    again.close()
