@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -413,6 +414,46 @@ def test_cancel_a_queued_job(make_server: Callable[..., Server], session: Sessio
     assert status(server, "text-to-image", first)["status"] == "CANCELED"
     expect(page.locator("#watch-count")).to_be_hidden()
     expect(page.locator("#running-empty")).to_be_visible()
+
+
+def test_cancel_a_job_the_stream_told_of_before_its_post_was_answered(
+    make_server: Callable[..., Server], session: Session
+) -> None:
+    """The answer to the second POST is held back until the event stream has surely told the
+    page of the job: the page then knows the job only from the stream, which carries no
+    resultUrl; cancelling it must still reach the job's own URL."""
+    server = make_server(env={"SD_SIM_STEP_SECONDS": "0.5"})
+    page = session.page
+    open_page(page, server)
+    t2i = form(page, "text-to-image")
+    t2i.get_by_label("Prompt").fill("the long one")
+    t2i.get_by_label("Steps").fill("100")
+    make(page, "text-to-image")
+
+    def answer_late(route: Any) -> None:
+        response = route.fetch()  # the job is queued, and its event on its way to the page
+        time.sleep(1.5)
+        route.fulfill(response=response)
+
+    def listing_down(route: Any) -> None:
+        route.fulfill(status=503, json={"error": {"code": "shutting_down", "message": "down"}})
+
+    page.route(re.compile(r".*/text-to-image$"), answer_late)
+    # Nor can the listing fill in what the stream leaves out: only the answer can.
+    page.route(re.compile(r".*/jobs\?.*"), listing_down)
+    session.expect_failed_request(503, "/jobs?")
+    t2i.get_by_label("Prompt").fill("answered late")
+    t2i.get_by_label("Steps").fill("8")
+    second = make(page, "text-to-image")
+    page.unroute(re.compile(r".*/text-to-image$"))
+
+    page.get_by_role("tab", name="Watch").click()
+    waiting = page.locator(f'#queue li[data-id="{second}"]')
+    expect(waiting).to_contain_text("answered late")
+    waiting.get_by_role("button", name="Cancel answered late").click()
+    expect(waiting).to_have_count(0)
+    expect(page.locator(f'#finished .card[data-id="{second}"] .status')).to_have_text("Canceled")
+    assert status(server, "text-to-image", second)["status"] == "CANCELED"
 
 
 def test_field_errors_beside_their_fields(

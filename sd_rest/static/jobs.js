@@ -7,6 +7,11 @@ import { request, streamUrl } from './api.js';
 const FINAL = { complete: 'COMPLETE', failed: 'FAILED', canceled: 'CANCELED' };
 const RECONNECT_MS = 3000;
 
+// A job heard of only on the stream has no resultUrl yet; its endpoint and id make it.
+function jobUrl(job) {
+  return job.resultUrl || `/${job.endpoint}/${job.id}`;
+}
+
 export function isActive(job) {
   return job.status === 'QUEUED' || job.status === 'IN_PROGRESS';
 }
@@ -143,21 +148,22 @@ class JobStore extends EventTarget {
   // A job the page posted: `doc` is the answer to a POST sent when `this.seq` was `mark`. The
   // stream may have told of the job since (a fast job can finish before the answer is read):
   // then the stream is newer, and the answer only adds what the stream does not carry.
+  // The job's own URL always comes from the answer: stream events do not carry it.
   posted(id, doc, extra, mark) {
     const newer = (this.heard.get(id) || 0) > mark;
-    return this.update(id, newer ? extra : { ...doc, ...extra });
+    return this.update(id, newer ? { resultUrl: doc.resultUrl, ...extra } : { ...doc, ...extra });
   }
 
   async refresh(job) {
     try {
-      this.update(job.id, await request('GET', job.resultUrl));
+      this.update(job.id, await request('GET', jobUrl(job)));
     } catch {
       // A job removed meanwhile: nothing more to show about it.
     }
   }
 
   async cancel(job) {
-    this.update(job.id, await request('DELETE', job.resultUrl));
+    this.update(job.id, await request('DELETE', jobUrl(job)));
   }
 }
 
