@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from . import forkkit
 from .common import Client, Result, ServerProcess, Sizes, rss_bytes
 
 TERMINAL = frozenset({"COMPLETE", "FAILED", "CANCELED"})
@@ -39,13 +39,7 @@ def kit() -> dict[str, Path] | None:
     root = Path(
         os.environ.get("SD_REST_REAL_FORK_CACHE", "") or Path.home() / ".cache/sd-rest/real-fork"
     )
-    subprocess.run(
-        ["bash", str(Path(source) / "prepare.sh"), str(root)],
-        check=True,
-        capture_output=True,
-        timeout=1800,
-    )
-    repository = root / "stable-diffusion"
+    repository = forkkit.build(Path(source), root)
     return {
         "repository": repository,
         "python": repository / "venv" / "bin" / "python",

@@ -8,12 +8,17 @@ The kit is not part of this project. Point `SD_REST_REAL_FORK` at the folder hol
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
-import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from helpers import ROOT
+
+if str(ROOT) not in sys.path:  # bench/ is a package at the repository's root
+    sys.path.insert(0, str(ROOT))
+
+from bench import forkkit
 
 KIT_ENV = "SD_REST_REAL_FORK"
 CACHE_ENV = "SD_REST_REAL_FORK_CACHE"
@@ -48,52 +53,10 @@ def skip_reason() -> str:
     return f"the real fork's kit is not available: set {KIT_ENV} to the folder with its prepare.sh"
 
 
-def fingerprint(kit: Path) -> str:
-    """What the kit would build: its files' names, sizes and contents (the tarball by size and
-    time; hashing it would cost more than the check saves)."""
-    digest = hashlib.sha256()
-    for path in sorted(kit.iterdir()):
-        if not path.is_file():
-            continue
-        stat = path.stat()
-        digest.update(f"{path.name}\0{stat.st_size}\0".encode())
-        if path.suffix in {".sh", ".py", ".yaml"}:
-            digest.update(path.read_bytes())
-        else:
-            digest.update(str(stat.st_mtime_ns).encode())
-    return digest.hexdigest()
-
-
 def build(kit: Path) -> RealFork:
-    """Run the kit's prepare.sh once per kit and cache folder, and describe the result.
-
-    prepare.sh re-extracts the fork and remakes the models on every run, so running it while
-    another test process (pytest-xdist) uses the kit pulls files from under that process's
-    scripts: one process builds under a lock, and a stamp of the kit's fingerprint tells the
-    others (and later sessions) that the build is there.
-    """
+    """Build the kit once per kit and cache folder (bench/forkkit.py), and describe it."""
     root = Path(os.environ.get(CACHE_ENV, "") or DEFAULT_CACHE)
-    root.mkdir(parents=True, exist_ok=True)
-    stamp = root / ".sd-rest-tests-built"
-    wanted = fingerprint(kit)
-    with open(root / ".sd-rest-tests.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        built = stamp.read_text() if stamp.exists() else ""
-        python = root / "stable-diffusion" / "venv" / "bin" / "python"
-        if built != wanted or not python.exists():
-            stamp.unlink(missing_ok=True)
-            result = subprocess.run(
-                ["bash", str(kit / "prepare.sh"), str(root)],
-                capture_output=True,
-                text=True,
-                timeout=1800,
-                check=False,
-            )
-            if result.returncode != 0:
-                raise RuntimeError(
-                    f"prepare.sh failed ({result.returncode}):\n{result.stderr[-4000:]}"
-                )
-            stamp.write_text(wanted)
+    forkkit.build(kit, root)
     repository = root / "stable-diffusion"
     return RealFork(
         kit=kit,
