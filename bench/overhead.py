@@ -1,6 +1,11 @@
 """Per-job overhead: one-image jobs through the server (POST → COMPLETE seen by a client) against
 the same script run directly (same interpreter, argv, working folder and environment).
 
+The server runs each job as a fresh process (`--runner process`), as the direct runs do: the
+overhead is what the server adds around a script. (Its default, resident workers, skip the
+script's imports and model load after the first job, so through the server a job takes less
+time than run directly: the `resident` measure compares the two on the real fork's code.)
+
 Runs alternate (direct, server, direct, ...) so that drift in the machine's speed hits both.
 The server's argv is taken from the simulator's SD_SIM_ARGV_LOG, written by the server's own
 first (warm-up) run, so the direct runs do exactly what the server does, in a fresh --outdir.
@@ -88,7 +93,8 @@ def measure(workdir: Path, cert: tuple[Path, Path], sizes: Sizes) -> list[Result
     env = simulator_env(LOAD_SECONDS, STEP_SECONDS, {"SD_SIM_ARGV_LOG": str(argv_log)})
     direct: list[float] = []
     served: list[float] = []
-    with ServerProcess(workdir / "output", cert, env).start() as server:
+    args = ["--runner", "process"]
+    with ServerProcess(workdir / "output", cert, env, args).start() as server:
         client = Client(server.port)
         through_server(client, -1, 0.0)  # warm-up; its argv is the one replayed directly
         logged = json.loads(argv_log.read_text().splitlines()[0])

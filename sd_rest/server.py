@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import ssl
@@ -44,6 +45,11 @@ async def serve(
         port,
         manager.settings.max_connections,
     )
+    # What start-up made (modules, the app, the OpenAPI document, recovered jobs) lives as long
+    # as the server: out of the collector's sight, a full collection no longer walks it while a
+    # request waits (bench `post`: p99).
+    gc.collect()
+    gc.freeze()
     try:
         await listener.start()
         if on_ready is not None:
