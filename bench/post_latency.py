@@ -9,7 +9,17 @@ from pathlib import Path
 
 from PIL import Image
 
-from .common import Client, Result, ServerProcess, Sizes, ms, percentile, simulator_env, summary_ms
+from .common import (
+    Client,
+    Result,
+    ServerProcess,
+    Sizes,
+    ms,
+    percentile,
+    simulator_env,
+    summary_ms,
+    wait_idle,
+)
 
 # The first job "loads its model" for this long and the rest wait behind it: the script is
 # asleep, so what is measured is the server (parsing, validation, the durable job folder).
@@ -77,6 +87,9 @@ def measure(workdir: Path, cert: tuple[Path, Path], sizes: Sizes) -> list[Result
         client = Client(server.port)
         client.get_json("/")  # the connection is open before the first timed request
         timed_posts(client, min(5, sizes.posts))  # warm-up: first-call imports, caches
+        # Start-up is over (its background work, the first job's worker or script starting):
+        # the figure is a settled server's.
+        wait_idle(server.pid)
         latencies = timed_posts(client, sizes.posts)
         upload_latencies = timed_uploads(client, uploads)
         client.close()

@@ -58,15 +58,15 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_newest ON jobs (created, endpoint, id);
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created, endpoint, id);
 """
-# (endpoint, id, created, status, item): a row as the writers put it. The item is made on
-# the caller's thread (the job as it reads now: fresh dicts, never changed after) and
-# serialised in the index's, off the event loop.
-NewRow = tuple[str, str, float, str, dict[str, Any]]
+# (endpoint, id, created, status, item): a row as the writers put it. Made whole on the
+# caller's thread: the index's thread then runs only SQLite, which lets go of the GIL, and
+# never holds the event loop up with Python work of its own.
+NewRow = tuple[str, str, float, str, str]
 
 
 def row_of(job: Job) -> NewRow:
     """What the index keeps of a job: its place and status, and its item as it reads now."""
-    return (job.endpoint, job.id, job.created_at, job.status.value, job_item(job))
+    return (job.endpoint, job.id, job.created_at, job.status.value, dumps(job_item(job)))
 
 
 class JobIndex:
@@ -237,17 +237,19 @@ class JobIndex:
         try:
             db = self._connection()
             pending = list(self._unwritten.items())
+            output = str(self.layout.output)
+            gone = [key for key, row in pending if row is None]
+            rows = [
+                (*key, created, status, _mtime(os.path.join(output, *key, SIDECAR)), item)
+                for key, row in pending
+                if row is not None
+                for _, _, created, status, item in (row,)
+            ]
+            # One call each: the rows are bound in C, so this thread takes the GIL from the
+            # event loop as little as it can.
             db.execute("BEGIN")
-            for (endpoint, job_id), row in pending:
-                if row is None:
-                    db.execute("DELETE FROM jobs WHERE endpoint = ? AND id = ?", (endpoint, job_id))
-                else:
-                    _, _, created, status, item = row
-                    mtime = _mtime(self.layout.job_dir(endpoint, job_id) / SIDECAR)
-                    db.execute(
-                        "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
-                        (endpoint, job_id, created, status, mtime, dumps(item)),
-                    )
+            db.executemany("DELETE FROM jobs WHERE endpoint = ? AND id = ?", gone)
+            db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)", rows)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -323,7 +325,7 @@ class JobIndex:
             endpoint_, id_, created, status, item = row_of(job)
             db.execute(
                 "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
-                (endpoint_, id_, created, status, mtime, dumps(item)),
+                (endpoint_, id_, created, status, mtime, item),
             )
         gone = [key for key in known if key not in seen]
         db.executemany("DELETE FROM jobs WHERE endpoint = ? AND id = ?", gone)
