@@ -21,12 +21,13 @@ from typing import Any, Final
 from aiohttp import web
 
 from .bodies import MAX_BODY_BYTES, first_line
-from .docs import OPEN_ROUTES
+from .docs import OPEN_ROUTES as DOC_ROUTES
 from .errors import ApiError
 from .manager import JobManager
-from .page import page_middleware
+from .page import FILE_ROUTE, PAGE_ROUTE, wants_page
 from .routes import (
     CORS_HEADERS,
+    INDEX_ROUTE,
     MANAGER,
     OUTPUT_ROOT,
     STREAM_ROUTES,
@@ -125,10 +126,14 @@ async def add_cors(request: web.BaseRequest, response: web.StreamResponse) -> No
     response.headers.update(CORS_HEADERS)
 
 
+OPEN_ROUTES: Final = DOC_ROUTES | {PAGE_ROUTE, FILE_ROUTE}
+
+
 def api_key_middleware(key: str) -> Middleware:
-    """Every request but a CORS preflight and the documentation page's files (docs.py: a
-    browser opens a page without headers) needs `Authorization: Bearer <key>`; an event
-    stream may instead carry a stream token (`?token=`, tokens.py) in its URL.
+    """Every request but a CORS preflight, the documentation page's files (docs.py) and the
+    web page (`/` for a browser, `/ui/`: page.py; a browser opens a page without headers)
+    needs `Authorization: Bearer <key>`; an event stream may instead carry a stream token
+    (`?token=`, tokens.py) in its URL.
 
     The digests are compared, not the strings: constant time, and it does not leak the length.
     """
@@ -137,7 +142,12 @@ def api_key_middleware(key: str) -> Middleware:
 
     @web.middleware
     async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method != "OPTIONS" and request.match_info.route.name not in OPEN_ROUTES:
+        name = request.match_info.route.name
+        if (
+            request.method != "OPTIONS"
+            and name not in OPEN_ROUTES
+            and not (name == INDEX_ROUTE and wants_page(request))
+        ):
             scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
             given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
             if not (
@@ -176,8 +186,7 @@ def connection_args(limits: Limits) -> dict[str, Any]:
 
 
 def create_app(manager: JobManager) -> web.Application:
-    # The page comes before the key check: a browser loads it without the key (page.py).
-    middlewares: list[Middleware] = [json_errors, page_middleware]
+    middlewares: list[Middleware] = [json_errors]
     if manager.settings.api_key:
         # Only then: the status GET's hot path carries no key check when there is no key.
         middlewares.append(api_key_middleware(manager.settings.api_key))

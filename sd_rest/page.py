@@ -4,7 +4,7 @@
 the page; everything else (curl's `*/*`, fetch's default, a JSON client) keeps getting the JSON
 index, as before. Both answers say `Vary: Accept`, so no cache hands one to the other.
 
-The page and its files are served by `page_middleware`, which sits before the API key check:
+The page and its files are let through by the API key check (app.py):
 a browser cannot send the key to load a page, and the page holds no secret (it is the same
 for everyone: plain HTML, CSS and JavaScript from `sd_rest/static/`). The page then asks for
 the key and sends it with every API request itself. Everything the API serves still needs it.
@@ -36,6 +36,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 STATIC: Final = Path(__file__).parent / "static"
 PREFIX: Final = "/ui/"
+PAGE_ROUTE: Final = "page"
+FILE_ROUTE: Final = "page-file"
 PAGE: Final = "index.html"
 FIELDS_MARK: Final = "/*FIELDS*/null"  # replaced by the field table in index.html
 HTML_TYPES: Final = ("text/html", "application/xhtml+xml")
@@ -159,18 +161,33 @@ def serve(request: web.Request, name: str) -> web.Response:
     return web.Response(body=file.body, headers={**headers, "Content-Type": file.content_type})
 
 
-@web.middleware
-async def page_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The page at `/` (for browsers) and `/ui/`, its files under `/ui/`; every other request
-    goes on to the API unchanged."""
-    path = request.path
-    if request.method in ("GET", "HEAD"):
-        if path == "/":
-            if prefers_html(request.headers.get("Accept", "")):
-                return serve(request, PAGE)
-            response = await handler(request)
-            response.headers["Vary"] = "Accept"
-            return response
-        if path.startswith(PREFIX):
-            return serve(request, path[len(PREFIX) :] or PAGE)
-    return await handler(request)
+def wants_page(request: web.Request) -> bool:
+    """A browser asking for `/`: it gets the page, a JSON client the index."""
+    return request.method in ("GET", "HEAD") and prefers_html(request.headers.get("Accept", ""))
+
+
+def or_page(json_index: Handler) -> Handler:
+    """`GET /`: the page for browsers, the JSON index (with `Vary: Accept`) for the rest."""
+
+    async def index(request: web.Request) -> web.StreamResponse:
+        if wants_page(request):
+            return serve(request, PAGE)
+        response = await json_index(request)
+        response.headers["Vary"] = "Accept"
+        return response
+
+    return index
+
+
+async def page_file(request: web.Request) -> web.Response:
+    return serve(request, request.match_info.get("file") or PAGE)
+
+
+def add_page_routes(app: web.Application) -> None:
+    """`/ui/` (the page) and `/ui/<file>`: routes the API key check lets through (OPEN_ROUTES,
+    docs.py), as it does a browser's `GET /`. Routes rather than a middleware in front of
+    every request: the status GET's hot path goes through no layer of the page's."""
+    for path, name in ((PREFIX, PAGE_ROUTE), (PREFIX + "{file}", FILE_ROUTE)):
+        resource = app.router.add_resource(path, name=name)
+        resource.add_route("GET", page_file)
+        resource.add_route("HEAD", page_file)

@@ -42,6 +42,7 @@ MANAGER = web.AppKey("manager", JobManager)
 OUTPUT_ROOT = web.AppKey("output_root", Path)  # the output folder with every link resolved
 TOKEN_KEY = web.AppKey("token_key", bytes)  # signs event-stream tokens (tokens.py)
 # The routes a stream token opens (api_key_middleware): the event streams, and nothing else.
+INDEX_ROUTE: Final = "index"
 STREAM_ROUTES: Final = frozenset({"events", *(f"events-{endpoint}" for endpoint in ENDPOINTS)})
 
 
@@ -60,8 +61,10 @@ def add_routes(app: web.Application) -> None:
     Methods are added per resource so that a wrong method is a 405 and an unknown path a 404.
     """
     from .docs import DOC_ASSETS, OPENAPI_BODY, asset_handler, openapi, openapi_body, route_name
+    from .page import add_page_routes, or_page
 
-    _resource(app, "/", {"GET": index})
+    _resource(app, "/", {"GET": or_page(index)}, name=INDEX_ROUTE)
+    add_page_routes(app)
     app[OPENAPI_BODY] = openapi_body(api_key=bool(app[MANAGER].settings.api_key))
     _resource(app, "/openapi.json", {"GET": openapi})
     for path in DOC_ASSETS:

@@ -101,7 +101,8 @@ def test_page_files_are_only_its_own(shared_server: Server) -> None:
         assert response.json()["error"]["code"] == "not_found"
     # Not a way to post anything: only GET and HEAD reach the page's files.
     post = shared_server.request("POST", "/ui/app.js", b"")
-    assert post.status == 404
+    assert post.status == 405 and post.headers["Allow"] == "GET,HEAD"
+    assert post.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_the_page_carries_the_field_table(shared_server: Server) -> None:
