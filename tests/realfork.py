@@ -9,14 +9,8 @@ The kit is not part of this project. Point `SD_REST_REAL_FORK` at the folder hol
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-from helpers import ROOT
-
-if str(ROOT) not in sys.path:  # bench/ is a package at the repository's root
-    sys.path.insert(0, str(ROOT))
 
 from bench import forkkit
 

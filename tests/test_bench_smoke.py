@@ -12,17 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, free_port
-from realfork import RealFork
-
-# bench/ is a package at the repository root, which is on sys.path only when pytest is started
-# as `python -m pytest` from there (scripts/test.sh does): make the test independent of that.
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from bench.__main__ import MEASURES
 from bench.common import Client
 from bench.get_throughput import parse_wrk, run_python
+from helpers import ROOT, free_port
+from realfork import RealFork
 
 WRK_OUTPUT = """\
 Running 1s test @ https://127.0.0.1:19002/x

@@ -11,12 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from bench import forkkit
+from helpers import ROOT
 
 PREPARE = """\
 #!/usr/bin/env bash

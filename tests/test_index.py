@@ -9,7 +9,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import threading
 from pathlib import Path
 
@@ -19,11 +18,6 @@ from sd_rest.index import JobIndex
 from sd_rest.jobs import Job, Status
 from sd_rest.layout import Layout
 from sd_rest.store import JobStore
-
-from helpers import ROOT
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from bench.jobfolders import make_job, tiny_png, write_job
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,12 +24,8 @@ from sd_rest.listing import (
     parse_query,
 )
 
-from helpers import ROOT, Server
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from bench.jobfolders import generate
+from helpers import Server
 
 # --- the query, pure ---------------------------------------------------------------------------
 
