@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sd_rest import workers
-from sd_rest.jobs import Status
+from sd_rest.jobs import Job, Status
 from sd_rest.manager import JobManager
 from sd_rest.resident_runner import WORKER_KILL_AFTER
 
@@ -120,14 +120,19 @@ DEAF = """\
 """
 
 
+async def deaf_job_loading(tmp_path: Path) -> tuple[JobManager, Job]:
+    """A manager whose one job's script (DEAF) is "loading its model" in a worker."""
+    manager = JobManager(settings(tmp_path / "out", repository=repository(tmp_path, DEAF)))
+    await manager.start(manager.recover())
+    job = await manager.submit("text-to-image", text_params(), {}, {})
+    log = manager.store.layout.log(job.endpoint, job.id)
+    await until(lambda: says(log, "Loading model"), "the script")
+    return manager, job
+
+
 def test_a_cancel_the_script_ignores_kills_the_worker_within_a_second(tmp_path: Path) -> None:
     async def scenario() -> None:
-        repo = repository(tmp_path, DEAF)
-        manager = JobManager(settings(tmp_path / "out", repository=repo))
-        await manager.start(manager.recover())
-        job = await manager.submit("text-to-image", text_params(), {}, {})
-        log = manager.store.layout.log(job.endpoint, job.id)
-        await until(lambda: says(log, "Loading model"), "the script")
+        manager, job = await deaf_job_loading(tmp_path)
         pid = job.pid
         began = time.monotonic()
         await manager.cancel(job)
@@ -189,12 +194,7 @@ def test_a_worker_that_dies_every_time_fails_the_job_saying_how(tmp_path: Path) 
 
 def test_status_answers_while_a_job_runs(tmp_path: Path) -> None:
     async def scenario() -> None:
-        repo = repository(tmp_path, DEAF)
-        manager = JobManager(settings(tmp_path / "out", repository=repo))
-        await manager.start(manager.recover())
-        job = await manager.submit("text-to-image", text_params(), {}, {})
-        log = manager.store.layout.log(job.endpoint, job.id)
-        await until(lambda: says(log, "Loading model"), "the script")
+        manager, job = await deaf_job_loading(tmp_path)
         began = time.monotonic()
         (worker,) = await manager.workers()
         assert time.monotonic() - began < 1.0
