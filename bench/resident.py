@@ -5,8 +5,11 @@ Ten one-image txt2img jobs (256×256, 8 steps, a new seed each) through a server
 `--runner process`, then the same ten through a server with `--runner resident`: the wall time of
 each set (first POST to last COMPLETE), and the first resident job (it pays the imports and the
 first build) against a process job. Then more jobs on the resident server: the worker's RSS after
-5 and after 50 jobs. And the memory a job needs to keep the generator in step: the worker's peak
-RSS during a job that reuses the model, above its RSS before it, against the model's weights.
+5 and after 50 jobs. And what a job that reuses the model needs to keep the generator in step:
+the worker's jump-ahead by the build's draws, timed and its peak memory traced on the fork's
+interpreter, for the kit's model and for the draws of the full-size SD v1, against the weights.
+(A job's whole peak RSS was tried first: it moves by ±10–30 MiB from job to job on the tiny
+model, far above what the jump needs.)
 
 Needs the kit: `SD_REST_REAL_FORK` names the folder with its prepare.sh (as for the tests'
 real_fork group), `SD_REST_REAL_FORK_CACHE` where it is built (default
@@ -15,10 +18,12 @@ real_fork group), `SD_REST_REAL_FORK_CACHE` where it is built (default
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
-import threading
+import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ WALL_TARGET = 0.2
 FIRST_TARGET = 1.1
 RSS_TARGET = 1.1
 MIB = 1024 * 1024
+KIB = 1024
 
 
 def kit() -> dict[str, Path] | None:
@@ -73,7 +79,9 @@ def job(n: int, seed: int | None = None) -> dict[str, Any]:
     }
 
 
-def run_jobs(client: Client, numbers: range, seed: int | None = None) -> tuple[float, list[float]]:
+def run_jobs(
+    client: Client, numbers: Iterable[int], seed: int | None = None
+) -> tuple[float, list[float]]:
     """Submit the jobs one after another, each once the previous is done: (wall seconds, each
     job's seconds from POST to COMPLETE)."""
     began = time.perf_counter()
@@ -93,26 +101,48 @@ def worker(client: Client) -> dict[str, Any]:
     return dict(only)
 
 
-def peak_rss_during(pid: int, action: Any) -> tuple[int, int]:
-    """(RSS before, peak RSS while `action()` runs), sampled every 2 ms."""
-    before = rss_bytes(pid)
-    peak = before
-    done = threading.Event()
+JUMP_PROBE = r"""
+import importlib.util, json, sys, time, tracemalloc
+import numpy as np, torch
+spec = importlib.util.spec_from_file_location("mtjump", sys.argv[1])
+mtjump = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mtjump)
+words = int(sys.argv[2])
+torch.manual_seed(1)
+mtjump.MT_JUMP.advance(np, torch.get_rng_state().numpy().tobytes(), words)  # once per worker
+seconds, peaks = [], []
+for seed in range(2, 7):
+    torch.manual_seed(seed)
+    state = torch.get_rng_state().numpy().tobytes()
+    began = time.perf_counter()
+    mtjump.MT_JUMP.advance(np, state, words)
+    seconds.append(time.perf_counter() - began)
+    tracemalloc.start()
+    mtjump.MT_JUMP.advance(np, state, words)
+    peaks.append(tracemalloc.get_traced_memory()[1])
+    tracemalloc.stop()
+print(json.dumps({"seconds": sorted(seconds)[2], "peak": max(peaks)}))
+"""
+# The full-size SD v1 build's draws from the generator: about one 32-bit word per parameter
+# of its UNet (859.3 M) and its VAE (83.6 M), both initialised at random before the checkpoint
+# is loaded over them.
+FULL_SIZE_WORDS = 942_934_827
 
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_bytes(pid))
-            time.sleep(0.002)
 
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        action()
-    finally:
-        done.set()
-        sampler.join()
-    return before, peak
+def jump_cost(python: Path, words: int) -> dict[str, float]:
+    """What keeping the generator in step costs a job that reuses a model built with `words`
+    draws: the worker's jump-ahead (sd_rest/worker_driver/mtjump.py), run on the fork's
+    interpreter with its numpy and torch: seconds (median of 5) and peak memory (tracemalloc,
+    which numpy's arrays report to), after the once-per-worker set-up."""
+    mtjump = Path(__file__).resolve().parent.parent / "sd_rest" / "worker_driver" / "mtjump.py"
+    out = subprocess.run(
+        [str(python), "-c", JUMP_PROBE, str(mtjump), str(words)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def measure(workdir: Path, cert: tuple[Path, Path], sizes: Sizes) -> list[Result]:
@@ -130,11 +160,7 @@ def measure(workdir: Path, cert: tuple[Path, Path], sizes: Sizes) -> list[Result
         pid = int(info["pid"])
         run_jobs(client, range(jobs, max(jobs, 5)))
         rss_5 = rss_bytes(pid)
-        # The same job twice but for the generator's work: the first build's seed again (its
-        # recorded end state serves as is), then a new seed (the generator is jumped).
-        _, same_seed = peak_rss_during(pid, lambda: run_jobs(client, range(2000, 2001), 1000))
-        _, jumped = peak_rss_during(pid, lambda: run_jobs(client, range(2001, 2002), 777))
-        done = max(jobs, 5) + 2
+        done = max(jobs, 5)
         run_jobs(client, range(done, done + more))
         rss_50 = rss_bytes(pid)
         info = worker(client)
@@ -145,7 +171,9 @@ def measure(workdir: Path, cert: tuple[Path, Path], sizes: Sizes) -> list[Result
     wall_ratio = resident_wall / process_wall
     first_ratio = resident_each[0] / median_process
     rss_ratio = rss_50 / rss_5
-    extra = jumped - same_seed
+    words = sum(int(m.get("params") or 0) for m in models)  # one draw a parameter
+    tiny = jump_cost(paths["python"], words)
+    full = jump_cost(paths["python"], FULL_SIZE_WORDS)
     served = int(info.get("jobs") or 0)
     return [
         Result(
@@ -170,14 +198,18 @@ def measure(workdir: Path, cert: tuple[Path, Path], sizes: Sizes) -> list[Result
         ),
         Result(
             "memory a job needs to keep the generator in step",
-            f"{extra / MIB:+.2f} MiB = {extra / weights:+.2%} of the model's "
+            f"{tiny['peak'] / KIB:.0f} KiB = {tiny['peak'] / weights:.2%} of the model's "
             f"{weights / MIB:.1f} MiB of weights"
             if weights
-            else f"{extra / MIB:+.2f} MiB (weights unknown)",
+            else f"{tiny['peak'] / KIB:.0f} KiB (weights unknown)",
             "",
             None,
-            note=f"kept in step by: {generator}; the worker's peak RSS during a job whose "
-            "generator is jumped, less the peak during the same job with the first build's "
-            "seed (which needs no work): sampled every 2 ms, so a few hundred KiB is noise",
+            note=f"kept in step by: {generator}; the jump-ahead by the model's draws (about "
+            f"{words:,} words, one a parameter) takes {tiny['seconds'] * 1000:.1f} ms; for the "
+            "full-size SD v1 "
+            f"(UNet and VAE, {FULL_SIZE_WORDS:,} words) {full['seconds'] * 1000:.1f} ms and "
+            f"{full['peak'] / KIB:.0f} KiB = {full['peak'] / (FULL_SIZE_WORDS * 4):.4%} of its "
+            f"{FULL_SIZE_WORDS * 4 / 1e9:.2f} GB of weights (measured on the fork's interpreter, "
+            "peak by tracemalloc)",
         ),
     ]
