@@ -11,11 +11,25 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 
+KIT_ENV = "SD_REST_REAL_FORK"  # the folder with the kit's prepare.sh
+CACHE_ENV = "SD_REST_REAL_FORK_CACHE"  # where it is built
+DEFAULT_CACHE = Path.home() / ".cache" / "sd-rest" / "real-fork"
 STAMP = ".sd-rest-built"
 LOCK = ".sd-rest-build.lock"
+
+
+def kit_folder() -> Path | None:
+    """The kit named by SD_REST_REAL_FORK, or None."""
+    value = os.environ.get(KIT_ENV, "").strip()
+    return Path(value).resolve() if value else None
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get(CACHE_ENV, "") or DEFAULT_CACHE)
 
 
 def fingerprint(kit: Path) -> str:

@@ -39,13 +39,11 @@ KIB = 1024
 
 
 def kit() -> dict[str, Path] | None:
-    source = os.environ.get("SD_REST_REAL_FORK", "").strip()
-    if not source:
+    source = forkkit.kit_folder()
+    if source is None:
         return None
-    root = Path(
-        os.environ.get("SD_REST_REAL_FORK_CACHE", "") or Path.home() / ".cache/sd-rest/real-fork"
-    )
-    repository = forkkit.build(Path(source), root)
+    root = forkkit.cache_folder()
+    repository = forkkit.build(source, root)
     return {
         "repository": repository,
         "python": repository / "venv" / "bin" / "python",

@@ -1,5 +1,6 @@
 """The real fork's kit for the `real_fork` test group: the fork's unmodified scripts with tiny
-random models, built once per machine by the kit's own `prepare.sh`.
+random models, built once per kit and cache folder by the kit's own `prepare.sh`
+(bench/forkkit.py).
 
 The kit is not part of this project. Point `SD_REST_REAL_FORK` at the folder holding its
 `prepare.sh` to run the group (CI does when it has one); without it the group is skipped.
@@ -8,15 +9,13 @@ The kit is not part of this project. Point `SD_REST_REAL_FORK` at the folder hol
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import forkkit
+from bench.forkkit import KIT_ENV, kit_folder
 
-KIT_ENV = "SD_REST_REAL_FORK"
-CACHE_ENV = "SD_REST_REAL_FORK_CACHE"
-DEFAULT_CACHE = Path.home() / ".cache" / "sd-rest" / "real-fork"
+__all__ = ["KIT_ENV", "RealFork", "build", "kit_folder", "skip_reason"]
 
 
 @dataclass(frozen=True)
@@ -38,20 +37,14 @@ class RealFork:
         ]  # fmt: skip
 
 
-def kit_folder() -> Path | None:
-    value = os.environ.get(KIT_ENV, "").strip()
-    return Path(value).resolve() if value else None
-
-
 def skip_reason() -> str:
     return f"the real fork's kit is not available: set {KIT_ENV} to the folder with its prepare.sh"
 
 
 def build(kit: Path) -> RealFork:
     """Build the kit once per kit and cache folder (bench/forkkit.py), and describe it."""
-    root = Path(os.environ.get(CACHE_ENV, "") or DEFAULT_CACHE)
-    forkkit.build(kit, root)
-    repository = root / "stable-diffusion"
+    root = forkkit.cache_folder()
+    repository = forkkit.build(kit, root)
     return RealFork(
         kit=kit,
         root=root,
