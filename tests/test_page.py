@@ -456,6 +456,35 @@ def test_cancel_a_job_the_stream_told_of_before_its_post_was_answered(
     assert status(server, "text-to-image", second)["status"] == "CANCELED"
 
 
+def test_latest_shows_the_newest_job_after_a_reload(
+    make_server: Callable[..., Server], session: Session
+) -> None:
+    server = make_server()
+    # A job made elsewhere (curl, another app) before the page was opened.
+    posted = server.post_json("text-to-image", {"prompt": "made with curl", "steps": 8}).json()
+    done = server.wait_status(posted["resultUrl"], {"COMPLETE"})
+    assert len(done["imageUrls"]) == 1
+    page = session.page
+    open_page(page, server)
+    latest = page.locator("#latest .card")
+    expect(latest).to_have_attribute("data-id", posted["resultUrl"].rsplit("/", 1)[1])
+    expect(latest.locator(".status")).to_have_text("Complete")
+    wait_images_loaded(page, "#latest .thumb img", 1)
+
+    # One made on the page, then the page reloaded: it is still shown, with its live state.
+    t2i = form(page, "text-to-image")
+    t2i.get_by_label("Prompt").fill("made on the page")
+    t2i.get_by_label("Steps").fill("8")
+    mine = make(page, "text-to-image")
+    expect(latest.locator(".status")).to_have_text("Complete")
+    page.reload()
+    expect(page.locator("#connection")).to_have_text("Live")
+    expect(latest).to_have_attribute("data-id", mine)
+    expect(latest.locator(".status")).to_have_text("Complete")
+    expect(latest).to_contain_text("made on the page")
+    wait_images_loaded(page, "#latest .thumb img", 1)
+
+
 def test_field_errors_beside_their_fields(
     make_server: Callable[..., Server], session: Session
 ) -> None:

@@ -150,6 +150,7 @@ async function start() {
     jobs.connect();
   });
   jobs.connect();
+  latest.newest();
   if (!document.getElementById('browse').hidden) browse.shown();
 }
 

@@ -3,6 +3,7 @@
 // images. Everything comes from the job store (jobs.js), fed by the event stream.
 
 import { JobCard } from './cards.js';
+import { request } from './api.js';
 import { isActive, jobs } from './jobs.js';
 import { ENDPOINT_NAMES, fill, h, jobTitle, totalImages } from './util.js';
 
@@ -98,7 +99,8 @@ class QueueRow {
   }
 }
 
-// Make's "Latest" panel: the last job posted from this page, as a card that follows it.
+// Make's "Latest" panel: the last job posted from this page, as a card that follows it. Before
+// this page has posted one (a reload, a new tab), the newest job the server has, from anywhere.
 export function setupLatest(panel, open) {
   let card = null;
   let id = null;
@@ -106,7 +108,7 @@ export function setupLatest(panel, open) {
     const job = e.detail ? (e.detail.id === id ? e.detail : null) : jobs.get(id);
     if (card && job) card.update(job);
   });
-  return (job) => {
+  const show = (job) => {
     if (job.id !== id) {
       id = job.id;
       card = new JobCard(job, open);
@@ -115,4 +117,21 @@ export function setupLatest(panel, open) {
       card.update(job);
     }
   };
+  // Called once the key is settled. A job posted meanwhile wins: the listing's answer is then
+  // older news.
+  show.newest = async () => {
+    let page;
+    try {
+      page = await request('GET', '/jobs?limit=1');
+    } catch {
+      return; // the panel keeps its hint; the next job posted fills it
+    }
+    const item = page.items[0];
+    if (!item || id !== null) return;
+    // Through the store, so the stream's news of it (progress, images) reaches the card; what
+    // the store already heard from the stream is newer than the listing.
+    const known = jobs.get(item.id);
+    show(known ? jobs.update(item.id, { ...item, ...known }) : jobs.update(item.id, item));
+  };
+  return show;
 }
