@@ -129,6 +129,18 @@ async def add_cors(request: web.BaseRequest, response: web.StreamResponse) -> No
 OPEN_ROUTES: Final = DOC_ROUTES | {PAGE_ROUTE, FILE_ROUTE}
 
 
+def bearer_token(value: str) -> str:
+    """The token of an `Authorization: Bearer <token>` value, exactly as sent ('' for any
+    other scheme or form). Only HTTP's own whitespace is taken away: spaces and tabs around
+    the value (optional whitespace, RFC 9110) and the spaces after the scheme (RFC 6750:
+    `"Bearer" 1*SP b64token`). Anything else, Unicode whitespace included, stays part of the
+    token, so that `Bearer <key>\u00a0` is not the key."""
+    scheme, _, token = value.strip(" \t").partition(" ")
+    if not (scheme.isascii() and scheme.lower() == "bearer"):
+        return ""
+    return token.lstrip(" ")
+
+
 def api_key_middleware(key: str) -> Middleware:
     """Every request but a CORS preflight, the documentation page's files (docs.py) and the
     web page (`/` for a browser, `/ui/`: page.py; a browser opens a page without headers)
@@ -148,12 +160,9 @@ def api_key_middleware(key: str) -> Middleware:
             and name not in OPEN_ROUTES
             and not (name == INDEX_ROUTE and wants_page(request))
         ):
-            scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-            given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
-            if not (
-                (hmac.compare_digest(given, expected) and scheme.lower() == "bearer")
-                or _stream_token(request, signing)
-            ):
+            token = bearer_token(request.headers.get("Authorization", ""))
+            given = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+            if not (hmac.compare_digest(given, expected) or _stream_token(request, signing)):
                 error = ApiError(
                     401, "unauthorized", "send the API key as 'Authorization: Bearer <key>'"
                 )
