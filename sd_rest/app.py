@@ -1,4 +1,5 @@
-"""The aiohttp application: routes, JSON errors, CORS, the optional API key and the limits.
+"""The aiohttp application: routes, JSON errors, CORS and nosniff, the optional API key and the
+limits.
 
 Every answer a client can get is JSON in the shape of errors.ApiError, including aiohttp's own:
 404/405 from the router (json_errors), 417 for Expect (routes.expect_continue), and the 400 the
@@ -26,7 +27,7 @@ from .errors import ApiError
 from .manager import JobManager
 from .page import FILE_ROUTE, PAGE_ROUTE, wants_page
 from .routes import (
-    CORS_HEADERS,
+    COMMON_HEADERS,
     INDEX_ROUTE,
     MANAGER,
     OUTPUT_ROOT,
@@ -121,9 +122,10 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     return response
 
 
-async def add_cors(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """Every response of the app, streamed ones included, as it is prepared."""
-    response.headers.update(CORS_HEADERS)
+async def add_common_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """CORS and nosniff on every response of the app, streamed ones included, as it is
+    prepared."""
+    response.headers.update(COMMON_HEADERS)
 
 
 OPEN_ROUTES: Final = DOC_ROUTES | {PAGE_ROUTE, FILE_ROUTE}
@@ -213,7 +215,7 @@ def create_app(manager: JobManager) -> web.Application:
     # Before aiohttp waits for handlers to end: streams end cleanly, after the last events
     # (server.py stops the manager first, so jobs put back in the queue are announced).
     app.on_shutdown.append(hub.close)
-    app.on_response_prepare.append(add_cors)
+    app.on_response_prepare.append(add_common_headers)
     add_routes(app)
     return app
 
@@ -242,7 +244,7 @@ class ApiProtocol(web.RequestHandler):
                 ApiError(
                     status, HTTP_CODES.get(status, "bad_request"), _parser_message(status, message)
                 ),
-                CORS_HEADERS,  # outside the app: its on_response_prepare does not run here
+                COMMON_HEADERS,  # outside the app: its on_response_prepare does not run here
             )
         response.force_close()
         return response
