@@ -1,9 +1,9 @@
 """`python -m bench`: run the benchmarks and print a table (Markdown, so it can be pasted).
 
 Options: --quick (tiny sizes: the smoke test's), --only NAME[,NAME] (post, get, lag, overhead,
-restart, connections, eventlag, streams, listing), --load-generator auto|wrk|python, --json PATH
-(every figure, machine-readable), --workdir DIR (kept afterwards; default: a temporary folder,
-removed).
+restart, connections, eventlag, streams, listing, stalled), --load-generator auto|wrk|python,
+--json PATH (every figure, machine-readable), --workdir DIR (kept afterwards; default: a
+temporary folder, removed).
 Exit status 1 if a measure could not be taken; a missed target is reported, not an error.
 """
 
@@ -28,6 +28,7 @@ from . import (
     post_latency,
     resident,
     restart,
+    stalled,
     streams,
 )
 from .common import FULL, QUICK, Result, Sizes, machine_description, make_certificate
@@ -45,6 +46,7 @@ MEASURES: dict[str, Measure] = {
     "eventlag": lambda w, c, s, _o: streams.measure_lag(w, c, s),
     "streams": lambda w, c, s, o: streams.measure_fanout(w, c, s, o.load_generator),
     "listing": lambda w, c, s, _o: listing.measure(w, c, s),
+    "stalled": lambda w, c, s, _o: stalled.measure(w, c, s),
 }
 
 

@@ -48,6 +48,9 @@ class Sizes:
     resident_jobs: int = 10  # on the real fork, each way
     resident_more: int = 45  # more resident jobs, for the worker's RSS after 50
     stream_clients: int = 1000  # event streams held on one running job
+    stalled_clients: int = 300  # event streams that never read their snapshot
+    stalled_jobs: int = 150  # queued jobs with long prompts: the snapshot they are sent
+    stalled_ping: float = 15.0  # SD_REST_STREAM_PING of that measure (the default)
     listing_pages: int = 200  # pages of each kind timed
 
 
@@ -69,6 +72,9 @@ QUICK = Sizes(
     connection_count=10,
     connection_rounds=1,
     stream_clients=20,
+    stalled_clients=10,
+    stalled_jobs=60,  # a snapshot beyond what the kernel buffers take
+    stalled_ping=1.0,
     listing_pages=10,
     resident_jobs=1,
     resident_more=1,

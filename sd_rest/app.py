@@ -1,4 +1,5 @@
-"""The aiohttp application: routes, JSON errors, CORS, the optional API key and the limits.
+"""The aiohttp application: routes, JSON errors, CORS and nosniff, the optional API key and the
+limits.
 
 Every answer a client can get is JSON in the shape of errors.ApiError, including aiohttp's own:
 404/405 from the router (json_errors), 417 for Expect (routes.expect_continue), and the 400 the
@@ -26,7 +27,7 @@ from .errors import ApiError
 from .manager import JobManager
 from .page import FILE_ROUTE, PAGE_ROUTE, wants_page
 from .routes import (
-    CORS_HEADERS,
+    COMMON_HEADERS,
     INDEX_ROUTE,
     MANAGER,
     OUTPUT_ROOT,
@@ -121,12 +122,25 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     return response
 
 
-async def add_cors(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """Every response of the app, streamed ones included, as it is prepared."""
-    response.headers.update(CORS_HEADERS)
+async def add_common_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """CORS and nosniff on every response of the app, streamed ones included, as it is
+    prepared."""
+    response.headers.update(COMMON_HEADERS)
 
 
 OPEN_ROUTES: Final = DOC_ROUTES | {PAGE_ROUTE, FILE_ROUTE}
+
+
+def bearer_token(value: str) -> str:
+    """The token of an `Authorization: Bearer <token>` value, exactly as sent ('' for any
+    other scheme or form). Only HTTP's own whitespace is taken away: spaces and tabs around
+    the value (optional whitespace, RFC 9110) and the spaces after the scheme (RFC 6750:
+    `"Bearer" 1*SP b64token`). Anything else, Unicode whitespace included, stays part of the
+    token, so that `Bearer <key>\u00a0` is not the key."""
+    scheme, _, token = value.strip(" \t").partition(" ")
+    if not (scheme.isascii() and scheme.lower() == "bearer"):
+        return ""
+    return token.lstrip(" ")
 
 
 def api_key_middleware(key: str) -> Middleware:
@@ -148,12 +162,9 @@ def api_key_middleware(key: str) -> Middleware:
             and name not in OPEN_ROUTES
             and not (name == INDEX_ROUTE and wants_page(request))
         ):
-            scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-            given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
-            if not (
-                (hmac.compare_digest(given, expected) and scheme.lower() == "bearer")
-                or _stream_token(request, signing)
-            ):
+            token = bearer_token(request.headers.get("Authorization", ""))
+            given = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+            if not (hmac.compare_digest(given, expected) or _stream_token(request, signing)):
                 error = ApiError(
                     401, "unauthorized", "send the API key as 'Authorization: Bearer <key>'"
                 )
@@ -204,7 +215,7 @@ def create_app(manager: JobManager) -> web.Application:
     # Before aiohttp waits for handlers to end: streams end cleanly, after the last events
     # (server.py stops the manager first, so jobs put back in the queue are announced).
     app.on_shutdown.append(hub.close)
-    app.on_response_prepare.append(add_cors)
+    app.on_response_prepare.append(add_common_headers)
     add_routes(app)
     return app
 
@@ -233,7 +244,7 @@ class ApiProtocol(web.RequestHandler):
                 ApiError(
                     status, HTTP_CODES.get(status, "bad_request"), _parser_message(status, message)
                 ),
-                CORS_HEADERS,  # outside the app: its on_response_prepare does not run here
+                COMMON_HEADERS,  # outside the app: its on_response_prepare does not run here
             )
         response.force_close()
         return response

@@ -436,8 +436,8 @@ _EVENTS_TEXT: Final = (
     f"(across jobs and restarts); each connection starts with `retry: {RETRY_MS}`. "
     f"A reconnection with `Last-Event-ID` (or `lastEventId`) gets the events after that id "
     f"while the server still holds them (the last {REPLAY_EVENTS}), else one `snapshot`. "
-    "A comment line `: ping` comes every 15 s (`SD_REST_STREAM_PING`). Each event's `data` is "
-    "one JSON object."
+    "A comment line `: ping` comes after 15 s with nothing else to send "
+    "(`SD_REST_STREAM_PING`). Each event's `data` is one JSON object."
 )
 
 

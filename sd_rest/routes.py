@@ -37,6 +37,9 @@ CORS_HEADERS: Final = {
     "Access-Control-Allow-Headers": "Authorization, Content-Type, Last-Event-ID",
     "Access-Control-Expose-Headers": "Location, ETag",
 }
+# On every response, with CORS: a browser never guesses another type than the one declared
+# (a JSON error or a PNG is never run as a script or a page).
+COMMON_HEADERS: Final = {**CORS_HEADERS, "X-Content-Type-Options": "nosniff"}
 
 MANAGER = web.AppKey("manager", JobManager)
 OUTPUT_ROOT = web.AppKey("output_root", Path)  # the output folder with every link resolved

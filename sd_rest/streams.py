@@ -3,9 +3,11 @@ job), on aiohttp-sse's EventSourceResponse (headers, chunking, a comment every 1
 
 Every change the store announces (events.py) becomes at most one event, serialised once and
 shared by every client: its frame goes into a bounded replay buffer and into each subscribed
-client's own queue, which its handler writes out (all it has in one write). A client that does
-not read fills its queue; past `Limits.stream_buffer` bytes it is dropped, so it never slows
-the others or holds more memory than that.
+client's own queue (subscriber.py), which its handler writes out. What a connection starts with
+(a snapshot, or a replay) is written a chunk at a time as the connection takes it, from parts
+shared by every client (stream_items.py). A client that does not read is dropped once a write
+has waited a ping interval, or once its own queue grows past `Limits.stream_buffer` bytes, so
+it never slows the others and holds little memory of its own meanwhile.
 
 What a client sees mirrors what a status GET shows (README, "Event streams"): `queued` with a
 position (again at each move, 0 once its run is starting), `started` at the first progress,
@@ -22,7 +24,6 @@ import contextlib
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -35,6 +36,8 @@ from .jobs import Job, Status
 from .layout import Key
 from .listing import dumps, job_item
 from .manager import JobManager
+from .stream_items import ItemParts, every_job_snapshot, item_parts, job_snapshot
+from .subscriber import STREAM_WRITE_BUFFER, Subscriber
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ FINAL_NAMES: Final = {status: name for name, status in FINAL.items()}
 # that stopped reading.
 STREAM_READ_BUFFER: Final = 1024
 STREAM_SEND_BUFFER: Final = 16 * 1024  # the kernel doubles it
-STREAM_WRITE_BUFFER: Final = 16 * 1024  # asyncio's, above which the handler's writes wait
+PING: Final = b": ping\r\n\r\n"
 
 
 def frame(
@@ -89,97 +92,18 @@ def _progress(job: Job) -> dict[str, Any]:
     return job.status_document()["progress"]
 
 
+def _final_parts(job: Job) -> list[bytes]:
+    """A finished job's item, for its final event (not kept: a finished job changes no more)."""
+    head, tail = item_parts(job)
+    return [head, tail]
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     id: int
     key: Key
     data: bytes
     final: bool
-
-
-class Subscriber:
-    """One client's stream: what waits to be written to it, and why it should end."""
-
-    def __init__(self, key: Key | None, limit: int) -> None:
-        self.key = key  # None: every job's events
-        self.limit = limit
-        self._frames: list[bytes] = []
-        self._size = 0
-        self._wake = asyncio.Event()
-        self.finished = False  # the per-job stream's last event is queued
-        self.closed = False  # the server is stopping, or the client went away
-        self.dropped = False
-        self.blocked = False  # its handler waits for the connection to take a write
-        self._transport: asyncio.WriteTransport | None = None
-        self.on_drop: Callable[[], None] | None = None
-
-    def push(self, data: bytes, final: bool = False, bounded: bool = True) -> None:
-        """Queue `data`. `bounded`: counted against the limit (what a connection starts with,
-        a snapshot or a replay, is not: the client has not had a chance to read yet). Only a
-        client whose writes are blocked can be over it: a burst (a queue move is one event per
-        waiting job) waits here for the next write without counting as a stall."""
-        if self.finished or self.closed:
-            return
-        if bounded and self._write_now(data):
-            if final:
-                self.finished = True
-                self._wake.set()
-            return
-        self._frames.append(data)
-        if bounded:
-            self._size += len(data)
-        self.finished = final
-        if self.blocked and self._size > self.limit:
-            self.drop()
-        else:
-            self._wake.set()
-
-    def attach(self, transport: asyncio.WriteTransport) -> None:
-        """The connection, once the response has started: see `_write_now`."""
-        self._transport = transport
-
-    def _write_now(self, data: bytes) -> bool:
-        """Write `data` as the next chunk of the response at once, when the client keeps up
-        (nothing queued, its handler not waiting on a write, the connection's buffer low).
-        With 1,000 clients, waking 1,000 handlers for each event costs as much CPU again as
-        the writes themselves; the frame is the same chunk aiohttp's writer would send."""
-        transport = self._transport
-        if transport is None or self._frames or self.blocked or transport.is_closing():
-            return False
-        if transport.get_write_buffer_size() >= STREAM_WRITE_BUFFER:
-            return False
-        transport.write(b"%x\r\n%s\r\n" % (len(data), data))
-        return True
-
-    def take(self) -> bytes:
-        data = b"".join(self._frames)
-        self._frames.clear()
-        self._size = 0
-        self._wake.clear()
-        return data
-
-    @property
-    def waiting(self) -> int:
-        return self._size
-
-    async def wait(self) -> None:
-        await self._wake.wait()
-
-    def close(self) -> None:
-        self.closed = True
-        self._wake.set()
-
-    def drop(self) -> None:
-        log.warning(
-            "dropped an event-stream client that stopped reading (%d bytes waiting for it)",
-            self._size,
-        )
-        self.dropped = True
-        self._frames.clear()
-        self._size = 0
-        self.close()
-        if self.on_drop is not None:
-            self.on_drop()
 
 
 class EventHub:
@@ -196,6 +120,7 @@ class EventHub:
         self._by_job: dict[Key, set[Subscriber]] = {}
         self._everything: set[Subscriber] = set()
         self._loading: set[Key] = set()  # run started, no progress yet: reads QUEUED
+        self._items = ItemParts()  # what snapshots are made of
         self.closed = False
         self._unlisten = manager.events.listen(self._on_event)
 
@@ -243,6 +168,8 @@ class EventHub:
         if len(self._buffer) == self._buffer.maxlen:
             self._covered_from = self._buffer[0].id
         self._buffer.append(item)
+        if final:
+            self._items.forget(key)
         for subscriber in list(self._by_job.get(key, ())):
             subscriber.push(item.data, final)
             if final:
@@ -263,24 +190,28 @@ class EventHub:
             raise ApiError(503, "shutting_down", "the server is shutting down")
         key = None if job is None else (job.endpoint, job.id)
         subscriber = Subscriber(key, self.client_buffer)
-        subscriber.push(frame(None, None, None, retry=RETRY_MS), bounded=False)
+        opening = [frame(None, None, None, retry=RETRY_MS)]
+        final = False
         if last_id is not None and self.covers(last_id):
             missed = [f for f in self._buffer if f.id > last_id and (key is None or f.key == key)]
-            if job is not None and job.status.finished and not any(f.final for f in missed):
+            if key is not None:  # a job's stream ends with its final event
+                end = next((n for n, f in enumerate(missed) if f.final), None)
+                final = end is not None
+                missed = missed if end is None else missed[: end + 1]
+            if job is not None and job.status.finished and not final:
                 return None
-            for item in missed:
-                subscriber.push(item.data, item.final and key is not None, bounded=False)
+            opening += [f.data for f in missed]
         elif job is None:
-            jobs = [self._item(unfinished) for unfinished in self._unfinished()]
-            snapshot = frame(self.last_id, "snapshot", dumps({"jobs": jobs}))
-            subscriber.push(snapshot, bounded=False)
+            jobs = self._unfinished()
+            self._items.keep_only((unfinished.endpoint, unfinished.id) for unfinished in jobs)
+            items = [self._parts(unfinished) for unfinished in jobs]
+            opening += every_job_snapshot(self.last_id, items)
         elif job.status.finished:
-            name = FINAL_NAMES[job.status]
-            last = frame(self.last_id, name, dumps(job_item(job)))
-            subscriber.push(last, final=True, bounded=False)
+            opening += job_snapshot(self.last_id, FINAL_NAMES[job.status], _final_parts(job))
+            final = True
         else:
-            snapshot = frame(self.last_id, "snapshot", dumps(self._item(job)))
-            subscriber.push(snapshot, bounded=False)
+            opening += job_snapshot(self.last_id, "snapshot", self._parts(job))
+        subscriber.open_with(opening, final)
         if not subscriber.finished:
             if key is None:
                 self._everything.add(subscriber)
@@ -288,8 +219,8 @@ class EventHub:
                 self._by_job.setdefault(key, set()).add(subscriber)
         return subscriber
 
-    def _item(self, job: Job) -> dict[str, Any]:
-        return job_item(job, self.manager.position(job))
+    def _parts(self, job: Job) -> list[bytes]:
+        return self._items.parts(job, self.manager.position(job))
 
     def _unfinished(self) -> list[Job]:
         """Every unfinished job, running ones first, then in queue order."""
@@ -343,13 +274,12 @@ def check_stream_query(request: web.Request) -> None:
             )
 
 
-def _event_source(ping: float) -> EventSourceResponse:
-    try:
-        return EventSourceResponse(ping_interval=ping)  # type: ignore[call-arg, unused-ignore]
-    except TypeError:  # aiohttp-sse < 3 (Python 3.10) has it as a property
-        response = EventSourceResponse()
-        response.ping_interval = ping  # type: ignore[attr-defined, unused-ignore]
-        return response
+class _EventStream(EventSourceResponse):
+    """aiohttp-sse's response without its own pings: the handler sends them, between frames
+    (one written while a long snapshot goes out in chunks would land inside the event)."""
+
+    async def _ping(self) -> None:
+        await asyncio.get_running_loop().create_future()  # until stop_streaming cancels it
 
 
 def _lighten(request: web.Request) -> None:
@@ -369,6 +299,11 @@ def _lighten(request: web.Request) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
     protocol = getattr(transport, "_ssl_protocol", None)
+    # Under TLS, the transport above is asyncio's TLS layer: the socket's own transport, below
+    # it, would hold 64 KiB of encrypted data for a client that does not read.
+    below = getattr(protocol, "_transport", None)
+    if isinstance(below, asyncio.WriteTransport):
+        below.set_write_buffer_limits(high=STREAM_WRITE_BUFFER)
     if isinstance(getattr(protocol, "_ssl_buffer", None), bytearray):
         protocol.max_size = STREAM_READ_BUFFER
         protocol._ssl_buffer = bytearray(STREAM_READ_BUFFER)
@@ -380,7 +315,7 @@ async def stream(request: web.Request, hub: EventHub, job: Job | None) -> web.St
     subscriber = hub.open(job, last_event_id(request))
     if subscriber is None:
         return web.Response(status=204)
-    response = _event_source(request.app[STREAM_PING])
+    response = _EventStream()
     # The connection closes after the stream: it was lightened for streaming (`_lighten`),
     # and an EventSource reconnects on a new request anyway.
     response.force_close()
@@ -394,28 +329,40 @@ async def stream(request: web.Request, hub: EventHub, job: Job | None) -> web.St
     _lighten(request)
     if isinstance(transport, asyncio.WriteTransport):
         subscriber.attach(transport)
-    # aiohttp-sse's pinger ends when a write fails: the client has gone.
-    pinger = asyncio.ensure_future(response.wait())
-    pinger.add_done_callback(lambda _: subscriber.close())
     try:
         async with response:
-            while True:
-                data = subscriber.take()
-                if data and not subscriber.dropped:
-                    subscriber.blocked = True
-                    try:
-                        await response.write(data)
-                    finally:
-                        subscriber.blocked = False
-                if subscriber.finished or subscriber.closed:
-                    break
-                await subscriber.wait()
+            await _serve(response, subscriber, request.app[STREAM_PING])
     except (ConnectionError, RuntimeError):
         pass  # the client went away (RuntimeError: aiohttp, on writing after the end)
     finally:
         hub.leave(subscriber)
-        pinger.cancel()
     return response
+
+
+async def _serve(response: web.StreamResponse, subscriber: Subscriber, ping: float) -> None:
+    """Write what is queued for the client, and a ping after `ping` seconds with nothing to
+    write, until its stream ends. A write the connection has not taken within `ping` seconds
+    drops the client: it is not reading (what a write waits for is the connection's buffer to
+    drain below a few KiB)."""
+    idle = False
+    while True:
+        data = subscriber.take() or (PING if idle else b"")
+        idle = False
+        if data and not subscriber.dropped:
+            subscriber.blocked = True
+            try:
+                await asyncio.wait_for(response.write(data), ping)
+            except asyncio.TimeoutError:
+                subscriber.drop(f"it took nothing for {ping:g} s")
+            finally:
+                subscriber.blocked = False
+            continue
+        if subscriber.finished or subscriber.closed:
+            return
+        try:
+            await asyncio.wait_for(subscriber.wait(), ping)
+        except asyncio.TimeoutError:
+            idle = True
 
 
 HUB: Final = web.AppKey("event_hub", EventHub)

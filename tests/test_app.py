@@ -1,5 +1,5 @@
-"""The aiohttp app in process (aiohttp's test client): CORS on every kind of response, streamed
-ones included; one JSON error shape; the API key."""
+"""The aiohttp app in process (aiohttp's test client): CORS and nosniff on every kind of
+response, streamed ones included; one JSON error shape; the API key."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from sd_rest.app import create_app
 from sd_rest.manager import JobManager
-from sd_rest.routes import CORS_HEADERS
+from sd_rest.routes import COMMON_HEADERS
 
 from inprocess import settings
 
@@ -43,10 +43,10 @@ def run_with_client(tmp_path: Path, check, **changes: object) -> None:
 
 def has_cors(response: object) -> bool:
     headers = response.headers  # type: ignore[attr-defined]
-    return all(headers.get(name) == value for name, value in CORS_HEADERS.items())
+    return all(headers.get(name) == value for name, value in COMMON_HEADERS.items())
 
 
-def test_every_kind_of_response_carries_cors(tmp_path: Path) -> None:
+def test_every_kind_of_response_carries_cors_and_nosniff(tmp_path: Path) -> None:
     async def check(client: TestClient) -> None:
         answers = {
             "index": await client.get("/"),

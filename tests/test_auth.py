@@ -141,6 +141,58 @@ def test_a_header_that_is_not_utf8_is_a_401_not_a_crash(keyed: Server) -> None:
     assert keyed.get("/", auth(f"Bearer {KEY}")).status == 200
 
 
+def with_authorization(server: Server, value: bytes) -> int:
+    """The status of `GET /` with this Authorization header, sent as these bytes (UTF-8 for
+    anything beyond ASCII, as a browser's fetch sends it)."""
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\nConnection: close\r\n\r\n"
+    return raw_request(server, request % value).status
+
+
+# Unicode whitespace that str.strip() and str.split() take, but HTTP does not: none of it may
+# stand around or inside the key.
+UNICODE_SPACES = ["\u00a0", "\u0085", "\u1680", "\u2003", "\u2028", "\u3000"]
+
+
+@pytest.mark.parametrize("space", UNICODE_SPACES, ids=ascii)
+def test_the_key_is_compared_exactly(keyed: Server, space: str) -> None:
+    for value in (
+        f"Bearer {KEY}{space}",
+        f"Bearer {space}{KEY}",
+        f"Bearer{space}{KEY}",
+        f"{space}Bearer {KEY}",
+        f"Bearer {KEY[:5]}{space}{KEY[5:]}",
+    ):
+        assert with_authorization(keyed, value.encode()) == 401, ascii(value)
+
+
+def test_the_forms_http_allows_still_work(keyed: Server) -> None:
+    """The scheme in any case; one or more spaces before the key (RFC 6750: `1*SP`); spaces or
+    tabs around the whole value are HTTP's optional whitespace, never part of it."""
+    for value in (
+        f"Bearer {KEY}",
+        f"bearer {KEY}",
+        f"BEARER {KEY}",
+        f"Bearer   {KEY}",
+        f"Bearer {KEY} ",
+        f"Bearer {KEY}\t",
+        f"  Bearer {KEY}",
+    ):
+        assert with_authorization(keyed, value.encode()) == 200, ascii(value)
+    for value in (f"Bearer\t{KEY}", f"Bearer {KEY} x", f"Bearer {KEY} {KEY}"):
+        assert with_authorization(keyed, value.encode()) == 401, ascii(value)
+
+
+def test_bearer_token_takes_only_http_whitespace() -> None:
+    from sd_rest.app import bearer_token
+
+    assert bearer_token("Bearer k") == "k"
+    assert bearer_token(" \tbEaReR   k\t ") == "k"
+    assert bearer_token("Bearer k\u00a0") == "k\u00a0"
+    assert bearer_token("Bearer \u2003k") == "\u2003k"
+    for other in ("", "Bearer", "Bearer ", "Basic k", "k", "Bearer\tk", "Bearer\u00a0k", "Bearerk"):
+        assert bearer_token(other) == "", other
+
+
 def test_the_key_from_the_environment(make_server) -> None:
     server: Server = make_server(env={"SD_REST_API_KEY": "from-env"}, start=False)
     server.start(wait=False)

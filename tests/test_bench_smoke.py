@@ -59,6 +59,7 @@ def test_quick_run_takes_every_measure(tmp_path: Path) -> None:
     for words in ("event lag", "clients streaming", "RSS growth", "streams / without", "listing"):
         assert words in names
     assert "memory" in names
+    assert "never read" in names and "all dropped" in names
     for result in doc["results"]:
         assert not result["figure"].startswith("error"), result
     assert "| measure | result | target | met |" in run.stdout

@@ -309,14 +309,14 @@ def test_the_default_comment_interval_is_15_seconds() -> None:
         limits_from_environment({"SD_REST_STREAM_BUFFER": "12"})
 
 
-def stalled_client(server: Server, path: str) -> ssl.SSLSocket:
+def stalled_client(server: Server, path: str, headers: str = "") -> ssl.SSLSocket:
     """Asks for a stream, then never reads: its receive buffer is made small first."""
     raw = socket.socket()
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     raw.settimeout(10)
     raw.connect(("127.0.0.1", server.port))
     sock = server.context().wrap_socket(raw, server_hostname="localhost")
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n".encode())
     return sock
 
 
@@ -376,6 +376,78 @@ def test_a_client_that_stops_reading_is_dropped_and_slows_nobody(
     assert healthy.until(lambda e: e.event == "queued" and e.data["position"] == 0)
     healthy.close()
     assert server.log().count("dropped an event-stream client") == 1
+
+
+BIG_PROMPT = "\U0001f304" * 990  # 3,960 bytes of UTF-8: each job's item is over 4 KB
+BIG_JOBS = 40  # about 170 KB of items: far beyond the buffers between server and client
+
+
+def big_queue(make_server: Callable[..., Server]) -> tuple[Server, int, list[str]]:
+    """A server whose first job loads for a minute while BIG_JOBS jobs with long prompts wait
+    behind it; a 4 KiB stream buffer, a ping every second. Returns the server, the id of the
+    newest event before the long jobs were posted, and their URLs."""
+    server = make_server(
+        env={
+            "SD_REST_STREAM_BUFFER": "4096",
+            "SD_REST_STREAM_PING": "1",
+            "SD_SIM_LOAD_SECONDS": "60",
+        }
+    )
+    post(server, "text-to-image", {"prompt": "loads for a minute", "steps": "1"})
+    with EventStream(server, "/events") as stream:
+        before = stream.until(lambda e: e.event == "snapshot")[-1].number
+    urls = [
+        post(server, "text-to-image", {"prompt": f"{BIG_PROMPT} {n}", "steps": "1"})
+        for n in range(BIG_JOBS)
+    ]
+    return server, before, urls
+
+
+def drops(server: Server) -> int:
+    return server.log().count("dropped an event-stream client")
+
+
+def test_a_client_that_never_reads_its_snapshot_is_dropped(
+    make_server: Callable[..., Server],
+) -> None:
+    """The snapshot is far larger than the client buffer: a client that does not read it is
+    dropped within a ping interval, once; one that reads gets all of it."""
+    server, _, urls = big_queue(make_server)
+    stalled = stalled_client(server, "/events")
+    wait_until(lambda: drops(server) == 1, "the client that never reads to be dropped", 30)
+    data, closed = read_until_closed(stalled)
+    assert closed and len(data) < 100_000, len(data)
+    stalled.close()
+    with EventStream(server, "/events") as reader:
+        snapshot = reader.until(lambda e: e.event == "snapshot")[-1]
+    jobs = snapshot.data["jobs"]
+    assert [job["resultUrl"] for job in jobs[1:]] == urls
+    assert all(job["params"]["prompt"].startswith(BIG_PROMPT) for job in jobs[1:])
+    server.assert_serving()
+    assert drops(server) == 1
+
+
+def test_a_client_that_never_reads_its_replay_is_dropped(
+    make_server: Callable[..., Server],
+) -> None:
+    server, before, urls = big_queue(make_server)
+    for url in urls:  # each `canceled` carries the job's whole item: its long prompt
+        assert server.request("DELETE", url).status == 200
+    stalled = stalled_client(server, "/events", f"Last-Event-ID: {before}\r\n")
+    wait_until(lambda: drops(server) == 1, "the client that never reads to be dropped", 30)
+    stalled.close()
+    with EventStream(server, "/events", {"Last-Event-ID": str(before)}) as reader:
+        ids = {url.rsplit("/", 1)[1] for url in urls}
+        canceled: set[str] = set()
+        events = reader.until(
+            lambda e: (
+                e.event == "canceled" and canceled.add(e.data["id"]) is None and canceled == ids
+            )
+        )
+    assert "snapshot" not in names(events)
+    assert [e.number for e in events] == sorted({e.number for e in events})
+    server.assert_serving()
+    assert drops(server) == 1
 
 
 def test_shutdown_ends_streams_cleanly_and_a_restart_resumes_them(
@@ -572,5 +644,60 @@ def test_the_replay_buffer_gives_way_to_a_snapshot(tmp_path: Any) -> None:
         assert f"id: {hub.last_id}".encode() in snapshot
         await hub.close()
         assert inside.closed and outside.closed
+
+    asyncio.run(scenario())
+
+
+def test_snapshot_parts_are_the_item_bytes_and_are_shared() -> None:
+    import json
+
+    from sd_rest.jobs import ImageRecord, Job, Status
+    from sd_rest.listing import dumps, job_item
+    from sd_rest.stream_items import ItemParts, every_job_snapshot, job_snapshot
+    from sd_rest.streams import frame
+
+    from inprocess import text_params
+
+    queued = Job("ab" * 16, "text-to-image", text_params(prompt=BIG_PROMPT), "c", {}, {}, seq=1)
+    running = Job("cd" * 16, "text-to-image", text_params(), "c", {}, {}, seq=2)
+    running.status, running.progress, running.started_at = Status.IN_PROGRESS, (1, 0.5), 5.0
+    running.images = (ImageRecord(1, 42, 1, "0" * 64),)
+    failed = Job("ef" * 16, "text-to-image", text_params(), "c", {}, {}, seq=3)
+    failed.status, failed.error, failed.finished_at = Status.FAILED, 'bad "quote"\n', 9.0
+    items = ItemParts()
+    for job, position in ((queued, 3), (queued, None), (running, None), (failed, None)):
+        parts = items.parts(job, position)
+        assert b"".join(parts) == dumps(job_item(job, position)).encode()
+    whole = every_job_snapshot(7, [items.parts(queued, 2), items.parts(running, None)])
+    expected = frame(7, "snapshot", dumps({"jobs": [job_item(queued, 2), job_item(running)]}))
+    assert b"".join(whole) == expected
+    assert b"".join(job_snapshot(8, "failed", items.parts(failed, None))) == frame(
+        8, "failed", dumps(job_item(failed))
+    )
+    # A move changes the job's version, not its item: the long part stays the same object.
+    before = items.parts(queued, 2)
+    queued.version += 1
+    after = items.parts(queued, 1)
+    assert after[2] is before[2] and after[0] is before[0]
+    assert json.loads(b"".join(after))["position"] == 1
+    items.keep_only([(running.endpoint, running.id)])
+    assert len(items) == 1
+
+
+def test_an_opening_is_taken_a_chunk_at_a_time() -> None:
+    from sd_rest.subscriber import CHUNK, Subscriber
+
+    async def scenario() -> None:
+        parts = [b"a" * 10, b"b" * (CHUNK * 2 + 5), b"c" * 3, b"d" * CHUNK]
+        subscriber = Subscriber(None, 4096)
+        subscriber.open_with(parts)
+        subscriber.push(b"event")  # behind the opening, and counted
+        assert subscriber.waiting == 5
+        chunks = []
+        while chunk := subscriber.take():
+            chunks.append(chunk)
+        assert b"".join(chunks) == b"".join(parts) + b"event"
+        assert all(len(chunk) <= CHUNK for chunk in chunks)
+        assert chunks[-1] == b"event" and subscriber.empty and subscriber.waiting == 0
 
     asyncio.run(scenario())
