@@ -274,12 +274,10 @@ def check_stream_query(request: web.Request) -> None:
             )
 
 
-class _EventStream(EventSourceResponse):
-    """aiohttp-sse's response without its own pings: the handler sends them, between frames
-    (one written while a long snapshot goes out in chunks would land inside the event)."""
-
-    async def _ping(self) -> None:
-        await asyncio.get_running_loop().create_future()  # until stop_streaming cancels it
+# aiohttp-sse's own pinger would write a ping whenever its interval is up, and one written
+# while a long snapshot goes out in pieces would land inside the event: the handler sends the
+# pings itself, between frames, and aiohttp-sse's waits this long (a year) before its first.
+LIBRARY_PING_INTERVAL: Final = 365 * 24 * 3600.0
 
 
 def _lighten(request: web.Request) -> None:
@@ -315,7 +313,7 @@ async def stream(request: web.Request, hub: EventHub, job: Job | None) -> web.St
     subscriber = hub.open(job, last_event_id(request))
     if subscriber is None:
         return web.Response(status=204)
-    response = _EventStream()
+    response = EventSourceResponse(ping_interval=LIBRARY_PING_INTERVAL)
     # The connection closes after the stream: it was lightened for streaming (`_lighten`),
     # and an EventSource reconnects on a new request anyway.
     response.force_close()
