@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import ssl
+import stat
 import subprocess
 import tempfile
 import zipfile
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from . import fork_imports
+from . import access, fork_imports
 from .certinfo import CertificateError, pem_certificates, private_key_kind, validity
 from .checkpoints import (
     FULL_CHECKPOINT_BYTES,
@@ -33,6 +34,7 @@ from .checkpoints import (
 )
 from .disk import DEFAULT_MIN_FREE, free_bytes
 from .endpoints import ENDPOINTS, INPAINT_CONFIG, INPAINT_IMAGE, TEXT_TO_IMAGE
+from .layout import Layout
 from .scripts import script_environment
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
@@ -74,20 +76,61 @@ def _fail(item: str, detail: str, fix: str) -> Result:
     return Result(item, FAIL, detail, fix)
 
 
+def _out_of_reach(item: str, what: str, path: Path, otherwise: str) -> Result | None:
+    """A failure when `path` cannot even be looked up (a folder on the way this user may not
+    enter, a loop of links ...): `what` names it, `otherwise` is the fix beside opening it."""
+    problem = access.reach(path)
+    if problem is None:
+        return None
+    fix = f"{problem.fix}, or {otherwise}" if problem.fix else otherwise
+    return _fail(item, f"{what} {path} is out of reach: {problem.reason}", fix)
+
+
 # --- repository and interpreter -----------------------------------------------------------
 
 
 def repository(repo: Path) -> Result:
+    blocked = _out_of_reach(
+        "repository", "the Stable Diffusion repository", repo, "pass --repository"
+    )
+    if blocked is not None:
+        return blocked
     if not repo.is_dir():
         return _fail(
             "repository",
             f"Stable Diffusion repository not found at {repo}",
             "run scripts/setup.sh, or pass --repository (--demo needs none)",
         )
+    if not os.access(repo, os.R_OK | os.X_OK):
+        return _fail(
+            "repository",
+            f"the Stable Diffusion repository {repo} is not readable by {access.user()}",
+            f"{access.readable_fix(repo, folder=True)}, or pass --repository",
+        )
     return _ok("repository", str(repo))
 
 
+def _unreadable_part(repo: Path) -> Result | None:
+    """A script or config of the repository that this user cannot read."""
+    for name in (*(e.script for e in ENDPOINTS.values()), *CONFIGS):
+        path = repo / name
+        problem = access.reach(path)
+        if problem is not None:
+            fix = f"{problem.fix}, or pass --repository" if problem.fix else "pass --repository"
+            return _fail("scripts", f"{repo}: {name} is out of reach: {problem.reason}", fix)
+        if path.is_file() and not os.access(path, os.R_OK):
+            return _fail(
+                "scripts",
+                f"{repo}: {name} is not readable by {access.user()}",
+                f"{access.readable_fix(repo, folder=True)}, or pass --repository",
+            )
+    return None
+
+
 def scripts(repo: Path) -> Result:
+    unreadable = _unreadable_part(repo)
+    if unreadable is not None:
+        return unreadable
     for endpoint in ENDPOINTS.values():
         if not (repo / endpoint.script).is_file():
             return _fail(
@@ -114,6 +157,9 @@ def interpreter(python: Path, explicit: bool) -> Result:
         if explicit
         else "create the fork's venv (scripts/setup.sh) or pass --python"
     )
+    blocked = _out_of_reach("interpreter", "the scripts' Python interpreter", python, fix)
+    if blocked is not None:
+        return blocked
     if python.is_symlink() and not python.exists():
         return _fail(
             "interpreter",
@@ -222,9 +268,40 @@ def device(name: str | None, platform: str) -> Result:
 # --- checkpoints --------------------------------------------------------------------------
 
 
+def checkpoint_access(path: Path, model: str) -> Result | None:
+    """A failure when the checkpoint is there (or may be) but this user cannot read it: the
+    server stops at start for it, where a missing or damaged one is only a warning."""
+    item, flag = f"{model} model", f"--{model}-model"
+    blocked = _out_of_reach(item, f"{model} model checkpoint", path, f"pass {flag}")
+    if blocked is not None:
+        return blocked
+    if path.is_file() and not os.access(path, os.R_OK):
+        return _fail(
+            item,
+            f"{model} model checkpoint {path} is not readable by {access.user()}",
+            f"{access.readable_fix(path)}, or pass {flag}",
+        )
+    return None
+
+
 def checkpoint(path: Path, model: str, verify_sha256: bool = True) -> Result:
     """A checkpoint the scripts can load: there, readable, a torch.save file (zip since torch
     1.6, pickle before), not truncated, and matching its SHA-256 when that is known."""
+    unreadable = checkpoint_access(path, model)
+    if unreadable is not None:
+        return unreadable
+    try:
+        return _checkpoint_file(path, model, verify_sha256)
+    except OSError as exc:  # a read error after the open, or the checksum file
+        return _fail(
+            f"{model} model",
+            f"{model} model checkpoint {exc.filename or path} cannot be read: "
+            f"{exc.strerror or exc}",
+            f"check the disk, or pass --{model}-model",
+        )
+
+
+def _checkpoint_file(path: Path, model: str, verify_sha256: bool) -> Result:
     item, flag = f"{model} model", f"--{model}-model"
     redo = f"delete it and run scripts/setup.sh models to download it again, or pass {flag}"
     if not path.exists():
@@ -243,7 +320,7 @@ def checkpoint(path: Path, model: str, verify_sha256: bool = True) -> Result:
         return _fail(
             item,
             f"{model} model checkpoint {path} is not readable: {exc.strerror}",
-            f"chmod a+r {path}",
+            f"{access.readable_fix(path)}, or pass {flag}",
         )
     kind = checkpoint_format(head)
     not_one = f"{model} model checkpoint {path} is not a PyTorch checkpoint"
@@ -269,7 +346,7 @@ def checkpoint(path: Path, model: str, verify_sha256: bool = True) -> Result:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except (zipfile.BadZipFile, OSError) as exc:
+        except zipfile.BadZipFile as exc:
             return _fail(item, f"{model} model checkpoint {path} is damaged: {exc}", redo)
         if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
             return _fail(item, f"{not_one}: a zip without data.pkl", redo)
@@ -323,15 +400,20 @@ def certificate(cert: str | Path, key: str | Path, now: datetime | None = None) 
     item = "certificate"
     now = now or datetime.now(timezone.utc)
     contents = {}
-    for label, name in (("certificate", cert), ("certificate key", key)):
+    for label, name, flag in (("certificate", cert, "--cert"), ("certificate key", key, "--key")):
         path = Path(name)
+        blocked = _out_of_reach(item, f"SSL {label}", path, f"pass {flag}")
+        if blocked is not None:
+            return blocked
         if not path.is_file():
             return _fail(item, f"SSL {label} {name} not found", MAKE_CERTIFICATE)
         try:
             contents[label] = path.read_bytes()
         except OSError as exc:
             return _fail(
-                item, f"SSL {label} {name} is not readable: {exc.strerror}", f"chmod u+r {name}"
+                item,
+                f"SSL {label} {name} is not readable: {exc.strerror}",
+                f"let {access.user()} read it: {access.readable_fix(path)}, or pass {flag}",
             )
     new_pair = f"pass the right --cert and --key, or make a new pair: {MAKE_CERTIFICATE}"
     try:
@@ -393,6 +475,9 @@ def output_folder(output: Path, create: bool) -> Result:
     """Writable (a file is really made and removed). Without `create`, a folder that does not
     exist yet passes when it could be made."""
     item = "output folder"
+    blocked = _out_of_reach(item, "the output folder", output, "pass --output")
+    if blocked is not None:
+        return blocked
     if create:
         try:
             output.mkdir(parents=True, exist_ok=True)
@@ -420,12 +505,83 @@ def output_folder(output: Path, create: bool) -> Result:
             f"the output folder {output} cannot be created: {target} is not writable ({reason})",
             "pass --output",
         )
+    foreign = _foreign_folder(output)
+    if foreign is not None:
+        return _fail(
+            item,
+            f"the output folder {output} holds {foreign}, which {access.user()} may not change "
+            "(made by another user?)",
+            f"{access.owner_fix(output)}, or pass --output",
+        )
     return _ok(item, f"{output}: writable" + ("" if output.exists() else " (made at start)"))
+
+
+def _foreign_folder(output: Path) -> Path | None:
+    """A folder of the server's own under `output` that this user may not read, enter and
+    write: jobs cannot be recovered or written there."""
+    layout = Layout(output)
+    folders = [layout.queue_dir, layout.quarantine_dir, *map(layout.endpoint_dir, ENDPOINTS)]
+    for folder in folders:
+        usable = os.access(folder, os.R_OK | os.W_OK | os.X_OK)
+        if folder.is_dir() and not folder.is_symlink() and not usable:
+            return folder
+    return None
+
+
+def job_index(output: Path) -> Result:
+    """The SQLite index of the jobs (index.py): derived data, made again from the job folders
+    when it cannot be opened, so only what the server could neither open nor replace fails."""
+    item = "job index"
+    index = Layout(output).index_file
+    remake = "delete it (the server makes it again from the job folders)"
+    for path in (index, Path(f"{index}-wal"), Path(f"{index}-shm")):
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            problem = access.explain(path, exc)
+            return _fail(item, f"the job index {path} is out of reach: {problem.reason}", remake)
+        if not stat.S_ISREG(info.st_mode):
+            return _fail(
+                item,
+                f"the job index {path} is not a file",
+                f"rm -r {path} (the server makes it again from the job folders)",
+            )
+        if os.access(path, os.R_OK | os.W_OK):
+            continue
+        if not _replaceable(path, info):
+            return _fail(
+                item,
+                f"the job index {path} is not readable and writable by {access.user()}, "
+                "who may not replace it either",
+                f"{remake}, or {access.readable_fix(path)}",
+            )
+        return Result(
+            item,
+            WARN,
+            f"{path} is not readable and writable by {access.user()}: the server makes the "
+            "index again from the job folders",
+        )
+    return _ok(item, str(index) if index.exists() else f"{index} (made at start)")
+
+
+def _replaceable(path: Path, info: os.stat_result) -> bool:
+    """Whether this user may delete `path` (and make a new one in its folder)."""
+    folder = path.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    sticky = folder.stat()
+    uid = os.geteuid()
+    return not sticky.st_mode & stat.S_ISVTX or uid in (0, info.st_uid, sticky.st_uid)
 
 
 def free_space(output: Path, minimum: int = DEFAULT_MIN_FREE_SPACE) -> Result:
     item = "free space"
-    free = free_bytes(output)  # as the server measures it before taking a job
+    try:
+        free = free_bytes(output)  # as the server measures it before taking a job
+    except OSError as exc:
+        return Result(item, SKIP, f"cannot be measured for {output}: {exc.strerror or exc}")
     if free < minimum:
         return _fail(
             item,
@@ -514,7 +670,13 @@ def run_all(target: Target) -> Iterable[Result]:
     yield checkpoint(target.text_to_image_model, TEXT_TO_IMAGE)
     yield checkpoint(target.inpaint_image_model, INPAINT_IMAGE)
     yield certificate(target.cert, target.key)
-    yield output_folder(target.output, create=False)
+    output = output_folder(target.output, create=False)
+    yield output
+    yield (
+        job_index(target.output)
+        if not output.failed
+        else Result("job index", SKIP, "needs the output folder")
+    )
     yield free_space(target.output, target.min_free_space)
     yield port(target.host, target.port)
 

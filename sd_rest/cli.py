@@ -16,6 +16,7 @@ import click
 
 from . import __version__
 from . import check as checks
+from .access import output_problem
 from .demo import SIMULATOR, demo_certificate, demo_checkpoint
 from .disk import parse_size
 from .endpoints import ENDPOINTS
@@ -171,6 +172,7 @@ def main(
         ctx = click.get_current_context()
         text_to_image_model = _demo_model(ctx, text_to_image_model, "text-to-image")
         inpaint_image_model = _demo_model(ctx, inpaint_image_model, "inpaint-image")
+        _check_output(output_path)  # the throwaway certificate is made there
         cert, key = _demo_certificate(cert, key, output_path)
     else:
         repo = _repository(repository)
@@ -211,6 +213,9 @@ def main(
     )
     for model in Model:
         path = settings.checkpoint(model)
+        # Missing or damaged is a warning (its endpoints answer 503 or fail); out of this
+        # user's reach is a set-up mistake that stops the start.
+        _require(checks.checkpoint_access(path, model.value))
         found = checks.checkpoint(path, model.value, verify_sha256=False)
         # The simulator's placeholder checkpoints are not real ones: only say when one is gone.
         if found.failed and (not demo or not path.exists()):
@@ -232,11 +237,16 @@ def run_server(
 ) -> None:
     # Imported here so that --help and --version do not load aiohttp and the rest.
     from .manager import JobManager
-    from .server import serve
+    from .server import RecoveryFailed, serve
 
     manager = JobManager(settings)
     if delete_incomplete:
-        removed = manager.recovery.delete_incomplete()
+        try:
+            removed = manager.recovery.delete_incomplete()
+        except OSError as exc:
+            raise StartupError(
+                output_problem(settings.output, "delete the incomplete jobs", exc)
+            ) from exc
         click.echo(f"deleted {removed} incomplete job(s) from {settings.output}")
 
     def ready(url: str) -> None:
@@ -248,6 +258,8 @@ def run_server(
 
     try:
         asyncio.run(serve(manager, host, port, context, on_ready=ready))
+    except RecoveryFailed as exc:
+        raise StartupError(str(exc)) from exc
     except OSError as exc:
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
@@ -281,14 +293,16 @@ def _size(flag: str, text: str) -> int:
 def _repository(given: str | None) -> Path:
     if given is not None:
         return Path(given)
-    if not Path(DEFAULT_REPOSITORY).exists() and Path(VENDORED_REPOSITORY).exists():
+    if not _exists(DEFAULT_REPOSITORY) and _exists(VENDORED_REPOSITORY):
         return Path(VENDORED_REPOSITORY)
     return Path(DEFAULT_REPOSITORY)
 
 
-def _require(*results: checks.Result) -> None:
+def _require(*results: checks.Result | None) -> None:
     """Start-up's share of --check: stop at the first failure, with the same words."""
     for result in results:
+        if result is None:
+            continue
         if result.failed:
             raise StartupError(result.message())
         if result.status == checks.WARN:
@@ -314,20 +328,38 @@ def _load_certificate(cert: str, key: str) -> ssl.SSLContext:
         raise StartupError(f"cannot use {cert} and {key} as certificate and key: {exc}") from exc
 
 
+def _exists(path: str) -> bool:
+    """Whether `path` is there; one out of reach counts as there (its check says why)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:
+        return False
+
+
 def _check_output(output: Path) -> None:
-    _require(checks.output_folder(output, create=True))
+    _require(checks.output_folder(output, create=True), checks.job_index(output))
 
 
 def _demo_model(ctx: click.Context, given: str, model: str) -> str:
     """The simulator's placeholder checkpoint, unless the user named one (or has the default)."""
     explicit = ctx.get_parameter_source(f"{model.replace('-', '_')}_model")
-    if explicit is not click.core.ParameterSource.DEFAULT or Path(given).is_file():
+    if explicit is not click.core.ParameterSource.DEFAULT or _is_file(given):
         return given
     return str(demo_checkpoint(model))
 
 
 def _demo_certificate(cert: str, key: str, output: Path) -> tuple[str, str]:
-    if Path(cert).is_file() and Path(key).is_file():
+    if _is_file(cert) and _is_file(key):
         return cert, key
     try:
         demo_cert, demo_key, made = demo_certificate(output)

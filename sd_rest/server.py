@@ -9,6 +9,7 @@ import signal
 import ssl
 from collections.abc import Callable
 
+from .access import output_problem
 from .app import create_app, make_runner, protocol_factory
 from .listener import Listener
 from .manager import JobManager
@@ -18,6 +19,10 @@ log = logging.getLogger(__name__)
 # Seconds requests still being handled get to finish once the server stops: a client slowly
 # uploading a body must not hold the exit up.
 REQUEST_GRACE = 2.0
+
+
+class RecoveryFailed(Exception):
+    """The jobs on disk could not be read or put right before serving (one line)."""
 
 
 async def serve(
@@ -32,7 +37,13 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    unfinished = manager.recover()
+    try:
+        unfinished = manager.recover()
+    except OSError as exc:
+        # A folder of the output made by another user, most often: say which, no traceback.
+        raise RecoveryFailed(
+            output_problem(manager.settings.output, "recover the unfinished jobs", exc)
+        ) from exc
     app = create_app(manager)
     runner = make_runner(app, shutdown_timeout=REQUEST_GRACE)
     await runner.setup()

@@ -482,7 +482,8 @@ def test_check_command_prints_every_item_and_fails(tmp_path: Path) -> None:
     items = [line[6:27].strip() for line in lines[:-1]]
     assert items == [
         "repository", "scripts", "interpreter", "imports", "text-to-image model",
-        "inpaint-image model", "certificate", "output folder", "free space", "port",
+        "inpaint-image model", "certificate", "output folder", "job index", "free space",
+        "port",
     ]  # fmt: skip
     for line in lines[:-1]:
         assert line.startswith(("FAIL", "skip", "  ok", "warn")), line
