@@ -345,7 +345,7 @@ class JobIndex:
             except (FileNotFoundError, NotADirectoryError):
                 continue
             for entry in entries:
-                if ID_RE.match(entry.name) and entry.is_dir(follow_symlinks=False):
+                if ID_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
                     yield endpoint, entry.name, os.path.join(entry.path, SIDECAR)
 
     def _close(self) -> None:
