@@ -109,7 +109,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         response = await handler(request)
     except ApiError as error:
-        response = error_response(error)
+        response = error_response(error, error.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

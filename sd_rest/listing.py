@@ -202,6 +202,14 @@ class IndexClosed(Exception):
     """The index was closed: the server is stopping."""
 
 
+class IndexUnavailable(Exception):
+    """The index could not be read nor made again (logged): worth asking again later."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass(frozen=True)
 class Row:
     """One job as the index holds it: the item JSON as of its last change."""
@@ -238,6 +246,13 @@ async def list_jobs(manager: JobManager, query: ListQuery, key: bytes) -> bytes:
             rows = await index.page(stored, query.endpoints, after, want)
         except IndexClosed:
             raise ApiError(503, "shutting_down", "the server is shutting down") from None
+        except IndexUnavailable as exc:
+            raise ApiError(
+                503,
+                "index_unavailable",
+                f"the job listing cannot be read now ({exc}); try again shortly",
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from None
         for row in rows:
             text = _item_text(manager, row, query.statuses)
             if text is not None:
