@@ -22,12 +22,14 @@ from typing import Any, Final
 from aiohttp import web
 
 from .bodies import MAX_BODY_BYTES, first_line
+from .cursorkey import load_cursor_key
 from .docs import OPEN_ROUTES as DOC_ROUTES
 from .errors import ApiError
 from .manager import JobManager
 from .page import FILE_ROUTE, PAGE_ROUTE, wants_page
 from .routes import (
     COMMON_HEADERS,
+    CURSOR_KEY,
     INDEX_ROUTE,
     MANAGER,
     OUTPUT_ROOT,
@@ -108,7 +110,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         response = await handler(request)
     except ApiError as error:
-        response = error_response(error)
+        response = error_response(error, error.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -209,6 +211,7 @@ def create_app(manager: JobManager) -> web.Application:
     app[MANAGER] = manager
     app[OUTPUT_ROOT] = manager.store.output.resolve()
     app[TOKEN_KEY] = token_key(manager.settings.api_key)
+    app[CURSOR_KEY] = load_cursor_key(manager.store.layout)
     hub = EventHub(manager, manager.settings.limits.stream_buffer)
     app[HUB] = hub
     app[STREAM_PING] = manager.settings.limits.stream_ping

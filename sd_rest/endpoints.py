@@ -83,7 +83,7 @@ class Endpoint(ABC):
         return None
 
 
-_SAMPLE = re.compile(r"^\d{5}\.png$")
+_SAMPLE = re.compile(r"[0-9]{5}\.png")
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class SamplingEndpoint(Endpoint):
             names = os.listdir(folders.images)
         except FileNotFoundError:
             return []
-        return [folders.images / name for name in sorted(names) if _SAMPLE.match(name)]
+        return [folders.images / name for name in sorted(names) if _SAMPLE.fullmatch(name)]
 
 
 _SAMPLING_DEFAULTS: Final[dict[str, Default]] = {

@@ -15,7 +15,11 @@ Everything runs in the index's own thread, one operation at a time and in the or
 (changes are written in batches, up to `WRITE_DELAY` after they are put): a page asked for
 after a change sees it, a page asked for during the start's reconciliation
 waits for it, and a reconciliation can never write a row older than a change put after it.
-The file is derived data: when it cannot be opened it is made again from the sidecars.
+The file is derived data: damage found at any time (it cannot be opened, fails the start's
+check, an SQLite error says so, an item fails its CRC: indexfile.py) has it made again from the
+sidecars in this thread, and the page that found it is then read from the new file. When it
+cannot be made (the disk refuses), pages are `IndexUnavailable` (a 503 with Retry-After) and
+it is tried again `RETRY_SECONDS` later.
 """
 
 from __future__ import annotations
@@ -28,45 +32,43 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
 from .endpoints import ENDPOINTS
+from .indexfile import (
+    Damaged,
+    crc,
+    delete_index,
+    is_damage,
+    mark_clean,
+    open_index,
+    read_page,
+)
 from .jobs import Job, Status
 from .layout import ID_RE, SIDECAR, Key, Layout
-from .listing import IndexClosed, Place, Row, dumps, job_item
+from .listing import IndexClosed, IndexUnavailable, Place, Row, dumps, job_item
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# 2: items carry `images` (issue 12); an index of another schema is made again at start.
-SCHEMA: Final = "2"
 WRITE_DELAY: Final = 0.05  # seconds a change may wait to be written with the ones after it
-_TABLES: Final = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (
-    endpoint TEXT NOT NULL,
-    id TEXT NOT NULL,
-    created REAL NOT NULL,
-    status TEXT NOT NULL,
-    mtime INTEGER NOT NULL,
-    item TEXT NOT NULL,
-    PRIMARY KEY (endpoint, id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS jobs_newest ON jobs (created, endpoint, id);
-CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created, endpoint, id);
-"""
-# (endpoint, id, created, status, item): a row as the writers put it. Made whole on the
+# After the index could not be made: seconds before it is tried again (each try may read every
+# sidecar), and the Retry-After of the 503s meanwhile.
+RETRY_SECONDS: Final = 2
+# (endpoint, id, created, status, item, crc): a row as the writers put it. Made whole on the
 # caller's thread: the index's thread then runs only SQLite, which lets go of the GIL, and
 # never holds the event loop up with Python work of its own.
-NewRow = tuple[str, str, float, str, str]
+NewRow = tuple[str, str, float, str, str, int]
 
 
 def row_of(job: Job) -> NewRow:
     """What the index keeps of a job: its place and status, and its item as it reads now."""
-    return (job.endpoint, job.id, job.created_at, job.status.value, dumps(job_item(job)))
+    item = dumps(job_item(job))
+    return (job.endpoint, job.id, job.created_at, job.status.value, item, crc(item))
 
 
 class JobIndex:
@@ -76,6 +78,9 @@ class JobIndex:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="job-index")
         self._db: sqlite3.Connection | None = None
         self._was_clean = False  # closed in order by the last server that used it
+        # Dropped after damage or a failure: read every sidecar again before the next page.
+        self._stale = False
+        self._retry_at = 0.0  # time.monotonic() before which the file is not tried again
         self._unwritten: dict[Key, NewRow | None] = {}  # writes SQLite refused, retried
         self._closed = False
         self.reconciling: Future[int] | None = None
@@ -155,6 +160,8 @@ class JobIndex:
     def _guarded(self, function: Callable[..., T], *args: Any) -> T:
         try:
             return function(*args)
+        except IndexUnavailable:
+            raise  # logged where it was found
         except Exception:
             log.exception("the job index failed (it is rebuilt from the job folders at start)")
             raise
@@ -163,58 +170,59 @@ class JobIndex:
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
+            if time.monotonic() < self._retry_at:
+                raise IndexUnavailable("it could not be made a moment ago", RETRY_SECONDS)
             try:
-                self._db = self._open()
-            except sqlite3.DatabaseError as exc:
-                log.warning("the job index %s cannot be used (%s): making it again", self.path, exc)
-                self._delete_files()
-                self._db = self._open()
+                self._db, self._was_clean = self._open_or_remake()
+            except (OSError, sqlite3.Error) as exc:
+                raise self._unavailable(exc) from exc
         return self._db
 
-    def _open(self) -> sqlite3.Connection:
-        self.layout.output.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+    def _open_or_remake(self) -> tuple[sqlite3.Connection, bool]:
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            # A commit reaches the disk at the next checkpoint: the index is derived data, and
-            # the clean flag (below) makes the next start read every sidecar after a crash.
-            db.execute("PRAGMA synchronous=NORMAL")
-            meta = dict(self._meta(db))
-            if meta.get("schema") not in (None, SCHEMA):
-                db.executescript("DROP TABLE IF EXISTS jobs; DROP TABLE IF EXISTS meta;")
-                meta = {}
-            db.executescript(_TABLES)
-            self._was_clean = meta.get("clean") == "1"
-            # From now until close() this file may lag the sidecars: say so, durably.
-            self._set_meta(db, {"schema": SCHEMA, "clean": "0"}, durable=True)
-        except BaseException:
-            db.close()
-            raise
-        return db
+            return open_index(self.layout)
+        except sqlite3.DatabaseError as exc:
+            log.warning("the job index %s cannot be used (%s): making it again", self.path, exc)
+            delete_index(self.layout)
+            return open_index(self.layout)[0], False
 
-    @staticmethod
-    def _meta(db: sqlite3.Connection) -> list[tuple[str, str]]:
-        exists = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone()
-        return list(db.execute("SELECT key, value FROM meta")) if exists else []
+    def _ready(self) -> sqlite3.Connection:
+        """The connection, its rows as good as the sidecars: after damage or a failure, a
+        reconciliation runs first."""
+        if self._stale:
+            self._reconcile()
+        return self._connection()
 
-    @staticmethod
-    def _set_meta(db: sqlite3.Connection, values: dict[str, str], durable: bool) -> None:
-        if durable:
-            db.execute("PRAGMA synchronous=FULL")
-        db.execute("BEGIN")
-        db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
-        db.execute("COMMIT")
-        if durable:
-            db.execute("PRAGMA synchronous=NORMAL")
-
-    def _delete_files(self) -> None:
+    def _drop(self) -> None:
+        """Close the file as it is: not marked clean, so the next open reads every sidecar."""
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db = None
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self.path}{suffix}")
+        self._stale = True
+
+    def _rebuild(self, damage: BaseException) -> None:
+        """Damage found: the file deleted and made again from every sidecar."""
+        log.warning("the job index %s is damaged (%s): making it again", self.path, damage)
+        self._drop()
+        try:
+            delete_index(self.layout)
+        except OSError as exc:
+            raise self._unavailable(exc) from exc
+        self._reconcile()
+
+    def _unavailable(self, exc: BaseException) -> IndexUnavailable:
+        """The index cannot be made now: dropped, and not tried again for a while."""
+        self._drop()
+        self._retry_at = time.monotonic() + RETRY_SECONDS
+        log.warning(
+            "the job index %s cannot be made (%s): GET /jobs answers 503 until it can (tried "
+            "again in %d s)",
+            self.path,
+            exc,
+            RETRY_SECONDS,
+        )
+        return IndexUnavailable(str(exc), RETRY_SECONDS)
 
     def _flush_later(self) -> None:
         """Write the queued changes in one transaction, after waiting a little for more.
@@ -233,6 +241,11 @@ class JobIndex:
             self._write(list(changes.items()))
 
     def _write(self, changes: list[tuple[Key, NewRow | None]]) -> None:
+        # Unavailable (logged): the changes stay in `_unwritten`; the close marks nothing clean.
+        with contextlib.suppress(IndexUnavailable):
+            self._write_pending(changes)
+
+    def _write_pending(self, changes: list[tuple[Key, NewRow | None]]) -> None:
         self._unwritten.update(changes)
         try:
             db = self._connection()
@@ -240,22 +253,25 @@ class JobIndex:
             output = str(self.layout.output)
             gone = [key for key, row in pending if row is None]
             rows = [
-                (*key, created, status, _mtime(os.path.join(output, *key, SIDECAR)), item)
+                (*key, created, status, _mtime(os.path.join(output, *key, SIDECAR)), item, crc_)
                 for key, row in pending
                 if row is not None
-                for _, _, created, status, item in (row,)
+                for _, _, created, status, item, crc_ in (row,)
             ]
             # One call each: the rows are bound in C, so this thread takes the GIL from the
             # event loop as little as it can.
             db.execute("BEGIN")
             db.executemany("DELETE FROM jobs WHERE endpoint = ? AND id = ?", gone)
-            db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 if self._db is not None and self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-            log.warning("could not update the job index (%s): retried with the next change", exc)
+            if is_damage(exc):
+                self._rebuild(exc)  # from the sidecars, which these changes are already in
+            else:
+                log.warning("could not update the job index (%s): tried again with the next", exc)
             return
         for key, row in pending:
             if self._unwritten.get(key) is row:
@@ -264,40 +280,31 @@ class JobIndex:
     def _page(
         self, statuses: list[str], endpoints: list[str], after: Place | None, limit: int
     ) -> list[Row]:
-        db = self._connection()
-        # One status: its index gives the rows in order. Otherwise the newest-first index is
-        # walked and the rows filtered (`+column` keeps SQLite from choosing an index on that
-        # column and sorting every matching row for each page).
-        where: list[str] = []
-        args: list[Any] = []
-        if len(statuses) < len(Status):
-            column = "status" if len(statuses) == 1 else "+status"
-            where.append(f"{column} IN ({','.join('?' * len(statuses))})")
-            args.extend(statuses)
-        if len(endpoints) < len(ENDPOINTS):
-            where.append(f"+endpoint IN ({','.join('?' * len(endpoints))})")
-            args.extend(endpoints)
-        if after is not None:
-            where.append("(created, endpoint, id) < (?, ?, ?)")
-            args.extend(after)
-        sql = (
-            "SELECT created, endpoint, id, status, item FROM jobs"
-            + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY created DESC, endpoint DESC, id DESC LIMIT ?"
-        )
-        rows = db.execute(sql, [*args, limit]).fetchall()
-        return [
-            Row(created, end, id_, Status(status), item) for created, end, id_, status, item in rows
-        ]
+        try:
+            return read_page(self._ready(), statuses, endpoints, after, limit)
+        except (sqlite3.DatabaseError, Damaged) as exc:
+            if not is_damage(exc):
+                log.warning("could not read the job index %s: %s", self.path, exc)
+                raise IndexUnavailable(str(exc), RETRY_SECONDS) from exc
+            self._rebuild(exc)
+        try:
+            return read_page(self._ready(), statuses, endpoints, after, limit)
+        except (sqlite3.DatabaseError, Damaged) as exc:
+            raise self._unavailable(exc) from exc
 
     def _reconcile(self) -> int:
         try:
-            return self._reconcile_once()
-        except sqlite3.DatabaseError as exc:
-            log.warning("the job index %s is damaged (%s): making it again", self.path, exc)
-            self._delete_files()
-            self._was_clean = False
-            return self._reconcile_once()
+            try:
+                return self._reconcile_once()
+            except sqlite3.DatabaseError as exc:
+                if not is_damage(exc):
+                    raise
+                log.warning("the job index %s is damaged (%s): making it again", self.path, exc)
+                self._drop()
+                delete_index(self.layout)
+                return self._reconcile_once()
+        except (OSError, sqlite3.Error) as exc:
+            raise self._unavailable(exc) from exc
 
     def _reconcile_once(self) -> int:
         db = self._connection()
@@ -322,15 +329,18 @@ class JobIndex:
             if job is None:
                 continue  # the store quarantines it the first time it is read
             seen.add(key)
-            endpoint_, id_, created, status, item = row_of(job)
+            endpoint_, id_, created, status, item, crc_ = row_of(job)
             db.execute(
-                "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
-                (endpoint_, id_, created, status, mtime, item),
+                "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (endpoint_, id_, created, status, mtime, item, crc_),
             )
         gone = [key for key in known if key not in seen]
         db.executemany("DELETE FROM jobs WHERE endpoint = ? AND id = ?", gone)
         db.execute("COMMIT")
-        self._was_clean = True  # from now on the rows are as good as the sidecars
+        self._was_clean, self._stale = True, False  # the rows are as good as the sidecars
+        if not trusted:
+            # Every sidecar was read, each at least as new as a change SQLite refused before.
+            self._unwritten.clear()
         if read or gone:
             log.info("job index: %d sidecar(s) read, %d row(s) removed", read, len(gone))
         return read
@@ -345,7 +355,7 @@ class JobIndex:
             except (FileNotFoundError, NotADirectoryError):
                 continue
             for entry in entries:
-                if ID_RE.match(entry.name) and entry.is_dir(follow_symlinks=False):
+                if ID_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
                     yield endpoint, entry.name, os.path.join(entry.path, SIDECAR)
 
     def _close(self) -> None:
@@ -357,9 +367,11 @@ class JobIndex:
             return
         if self._unwritten:
             self._write([])
-        if not self._unwritten:
-            self._set_meta(self._db, {"clean": "1"}, durable=True)
+        if self._db is None:
+            return  # made again and failed: nothing to mark
         with contextlib.suppress(sqlite3.Error):
+            if not (self._stale or self._unwritten):
+                mark_clean(self._db)
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
         self._db = None

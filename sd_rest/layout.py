@@ -6,8 +6,10 @@
 <endpoint>/<id>/run/         the current run's work folder (script outdir, inpaint cwd)
 <endpoint>/<id>/<n>.png      published images
 .queue/<endpoint>.<id>       marker: this job is not finished yet
-.quarantine/                 job folders whose sidecar could not be read
+.quarantine/                 job folders whose sidecar could not be read; an index or key that
+                             was no usable file
 .index.sqlite3               the job index for GET /jobs (index.py), derived from the sidecars
+.cursor-key                  the key that signs GET /jobs cursors (cursorkey.py), mode 0600
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ SIDECAR: Final = "job.json"
 LOG: Final = "job.log"
 INPUTS: Final = "inputs"
 RUN: Final = "run"
-ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
-IMAGE_RE: Final = re.compile(r"^([1-9][0-9]*)\.png$")
+# Always used with fullmatch: `$` also matches before a trailing newline.
+ID_RE: Final = re.compile(r"[0-9a-f]{32}")
+IMAGE_RE: Final = re.compile(r"([1-9][0-9]*)\.png")
 
 Key = tuple[str, str]  # (endpoint, id)
 
@@ -44,6 +47,10 @@ class Layout:
     @property
     def index_file(self) -> Path:
         return self.output / ".index.sqlite3"
+
+    @property
+    def cursor_key_file(self) -> Path:
+        return self.output / ".cursor-key"
 
     def endpoint_dir(self, endpoint: str) -> Path:
         return self.output / endpoint
@@ -77,6 +84,6 @@ class Layout:
 def parse_marker(name: str) -> Key | None:
     """`<endpoint>.<id>` -> (endpoint, id), or None for a name that is not a marker of ours."""
     endpoint, _, job_id = name.rpartition(".")
-    if endpoint in ENDPOINTS and ID_RE.match(job_id):
+    if endpoint in ENDPOINTS and ID_RE.fullmatch(job_id):
         return endpoint, job_id
     return None

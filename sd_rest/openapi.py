@@ -65,7 +65,13 @@ ERROR_CODES: Final[dict[int, tuple[str, ...]]] = {
     429: ("queue_full",),
     431: ("headers_too_large",),
     500: ("internal_error",),
-    503: ("shutting_down", "model_missing", "python_missing", "unavailable"),
+    503: (
+        "shutting_down",
+        "model_missing",
+        "python_missing",
+        "index_unavailable",
+        "unavailable",
+    ),
     504: ("timeout",),
     507: ("disk_full",),
 }
@@ -81,7 +87,8 @@ STATUS_TEXT: Final = {
     417: "An `Expect` header other than `100-continue`.",
     429: "The queue is full: try again later.",
     500: "A failure inside the server, logged under `requestId`; never caused by a request.",
-    503: "The server is stopping, or this endpoint's checkpoint or interpreter is missing.",
+    503: "The server is stopping, or this endpoint's checkpoint or interpreter is missing, or "
+    "the job listing's index cannot be made now (with `Retry-After`).",
     507: "The output disk lacks the space this job may need.",
 }
 
@@ -425,6 +432,15 @@ def _responses() -> dict[str, Any]:
     )
     responses["Error405"] = _error_response(
         405, {"Allow": {**string, "description": "The methods the path takes."}}
+    )
+    responses["Error503"] = _error_response(
+        503,
+        {
+            "Retry-After": {
+                "schema": {"type": "integer", "minimum": 1},
+                "description": "With `index_unavailable`: the seconds to wait before asking again.",
+            }
+        },
     )
     return responses
 
@@ -877,7 +893,7 @@ def _listing_and_streams(b: _Builder) -> None:
             "summary": "Every job, newest first, a page at a time",
             "description": "A job keeps its place for good, so pages never skip or repeat a "
             "job while others arrive. Any other parameter, `limit` or `cursor` given twice, a "
-            "bad value or a cursor this server did not make is a 400 naming it.",
+            "bad value or a cursor this server did not sign is a 400 naming it.",
             "tags": ["Listing"],
             "parameters": listing_parameters,
             "responses": {"200": _json(_ref("JobPage"), "A page."), **b.errors(503)},

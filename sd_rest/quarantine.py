@@ -1,4 +1,5 @@
-"""Moving job folders that cannot be used out of the way, keeping them for a person to see."""
+"""Moving what cannot be used out of the way, keeping it for a person to see: job folders, and
+the server's own files (the job index, the cursor key) found to be no usable file."""
 
 from __future__ import annotations
 
@@ -24,9 +25,7 @@ class Quarantine:
         `bad`: the sidecar bytes found damaged; the folder is moved only if they are still
         there, so a job made anew under the same id in the meantime is never taken. Returns
         whether it was moved."""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = f"{folder.parent.name}-{folder.name}-{stamp}-{secrets.token_hex(3)}"
-        target = self.layout.quarantine_dir / name
+        target = self.layout.quarantine_dir / _name(f"{folder.parent.name}-{folder.name}")
         with self._folders:
             if bad is not None:
                 try:
@@ -43,3 +42,22 @@ class Quarantine:
             fsync_dir(folder.parent)
         log.warning("moved %s to %s: %s", folder / SIDECAR, target, reason)
         return True
+
+
+def set_aside(layout: Layout, path: Path, reason: str) -> bool:
+    """Move `path`, a file of the server's own that is not a usable file (a folder, a link, a
+    socket...), to `<output>/.quarantine/`, with a warning. Returns whether it was moved."""
+    target = layout.quarantine_dir / _name(path.name.lstrip("."))
+    try:
+        make_dirs(layout.quarantine_dir)
+        path.rename(target)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        log.warning("could not move %s (%s) out of the way: %s", path, reason, exc)
+        return False
+    log.warning("moved %s to %s: %s", path, target, reason)
+    return True
+
+
+def _name(label: str) -> str:
+    return f"{label}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"

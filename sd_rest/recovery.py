@@ -162,7 +162,7 @@ class Recovery:
             except FileNotFoundError:
                 continue
             for entry in entries:
-                if ID_RE.match(entry.name) and entry.is_dir(follow_symlinks=False):
+                if ID_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
                     yield endpoint, entry.name, Path(entry.path)
 
     # --- --delete-incomplete ----------------------------------------------------------

@@ -44,6 +44,7 @@ COMMON_HEADERS: Final = {**CORS_HEADERS, "X-Content-Type-Options": "nosniff"}
 MANAGER = web.AppKey("manager", JobManager)
 OUTPUT_ROOT = web.AppKey("output_root", Path)  # the output folder with every link resolved
 TOKEN_KEY = web.AppKey("token_key", bytes)  # signs event-stream tokens (tokens.py)
+CURSOR_KEY = web.AppKey("cursor_key", bytes)  # signs GET /jobs cursors (cursorkey.py)
 # The routes a stream token opens (api_key_middleware): the event streams, and nothing else.
 INDEX_ROUTE: Final = "index"
 STREAM_ROUTES: Final = frozenset({"events", *(f"events-{endpoint}" for endpoint in ENDPOINTS)})
@@ -145,8 +146,9 @@ async def index(request: web.Request) -> web.Response:
 
 
 async def jobs(request: web.Request) -> web.Response:
-    query = parse_query(request.query.items())
-    return json_response(await list_jobs(request.app[MANAGER], query))
+    key = request.app[CURSOR_KEY]
+    query = parse_query(request.query.items(), key)
+    return json_response(await list_jobs(request.app[MANAGER], query, key))
 
 
 async def all_events(request: web.Request) -> web.StreamResponse:

@@ -352,6 +352,6 @@ class JobStore:
             except FileNotFoundError:
                 continue
             for entry in entries:
-                match = IMAGE_RE.match(entry.name) if parent == folder else None
+                match = IMAGE_RE.fullmatch(entry.name) if parent == folder else None
                 if is_temp_file(entry.name) or (match and int(match.group(1)) > len(job.images)):
                     Path(entry.path).unlink(missing_ok=True)

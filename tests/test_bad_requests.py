@@ -3,6 +3,7 @@ always in the one JSON error shape, and never a 5xx. One real server answers the
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 import json
@@ -43,6 +44,15 @@ def encoded(image_format: str, size: tuple[int, int] = (512, 512)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, (30, 90, 160)).save(buffer, image_format)
     return buffer.getvalue()
+
+
+def cursor_of_text(text: str) -> str:
+    """A cursor as this server made them before they were signed: unpadded base64 of JSON."""
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def cursor_of(doc: Any) -> str:
+    return cursor_of_text(json.dumps(doc))
 
 
 IMAGE = png_bytes(512, 512)
@@ -394,6 +404,47 @@ CASES = [
         form=[("steps", "9")],
         files={"image": IMAGE, "mask": MASK},
         says="8 or 10",
+    ),
+    # --- GET /jobs (issue 17: each was a 500, or a forged cursor a 200) ----------------------
+    Case(
+        "limit of 5,000 digits",
+        400,
+        "invalid_field",
+        "limit",
+        path=f"/jobs?limit={'9' * 5000}",
+        method="GET",
+    ),
+    Case(
+        "cursor: endpoint a list",
+        400,
+        "invalid_field",
+        "cursor",
+        path=f"/jobs?cursor={cursor_of(['0x1.0p+0', ['text-to-image'], UNKNOWN_ID])}",
+        method="GET",
+    ),
+    Case(
+        "cursor: endpoint an object",
+        400,
+        "invalid_field",
+        "cursor",
+        path=f"/jobs?cursor={cursor_of(['0x1.0p+0', {}, UNKNOWN_ID])}",
+        method="GET",
+    ),
+    Case(
+        "cursor: 3,000 [",
+        400,
+        "invalid_field",
+        "cursor",
+        path=f"/jobs?cursor={cursor_of_text('[' * 3000)}",
+        method="GET",
+    ),
+    Case(
+        "cursor: well-formed, not signed",
+        400,
+        "invalid_field",
+        "cursor",
+        path=f"/jobs?cursor={cursor_of(['0x1.0p+0', 'text-to-image', UNKNOWN_ID])}",
+        method="GET",
     ),
     # --- routes ----------------------------------------------------------------------------
     Case("unknown path", 404, "not_found", path="/nope", method="GET"),

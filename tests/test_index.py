@@ -1,22 +1,26 @@
 """The job index in process, on real files: pages in order with filters and places, what the
 store's writers put, and what a start's reconciliation reads again (only what changed after a
-stop in order; everything after a crash; a damaged file made again)."""
+stop in order; everything after a crash; a damaged file made again, whenever the damage is
+found)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
 import shutil
+import sqlite3
 import threading
 from pathlib import Path
 
 from sd_rest import index as index_module
+from sd_rest import indexfile
 from sd_rest.events import JobEvents
 from sd_rest.index import JobIndex
 from sd_rest.jobs import Job, Status
-from sd_rest.layout import Layout
+from sd_rest.layout import Layout, parse_marker
 from sd_rest.store import JobStore
 
 from bench.jobfolders import make_job, tiny_png, write_job
@@ -147,3 +151,108 @@ def test_changes_are_written_in_batches_yet_a_page_and_the_close_never_wait(
     assert again.reconcile().result() == 0  # closed in order, every row as its sidecar
     assert {r.id for r in all_rows(again)} == {j.id for j in jobs[1:]}
     again.close()
+
+
+def damage_the_file(output: Path, name: str, last: bool = False) -> None:
+    """Random bytes over a leaf page of the table or index `name` of a closed index (the one
+    of its greatest keys when `last`)."""
+    path = output / ".index.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        pages = [
+            n
+            for (n,) in db.execute(
+                "SELECT pageno FROM dbstat WHERE name = ? AND pagetype = 'leaf' ORDER BY path",
+                (name,),
+            )
+        ]
+    assert len(pages) >= 2
+    with path.open("r+b") as file:
+        file.seek((pages[-1 if last else 1] - 1) * size)
+        file.write(random.Random(4).randbytes(size))
+
+
+def quick_check(output: Path) -> str:
+    with contextlib.closing(sqlite3.connect(output / ".index.sqlite3")) as db:
+        return " ".join(row[0] for row in db.execute("PRAGMA quick_check"))
+
+
+def test_damage_found_by_a_page_makes_it_again_and_the_page_is_answered(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """With the start's check off (as when it runs out of time), the damage is found by the
+    first page that reads it: the file is made again and that page read from the new one."""
+    output = tmp_path / "output"
+    jobs = on_disk(output, 200)
+    index = JobIndex(Layout(output))
+    index.reconcile().result()
+    index.close()
+    damage_the_file(output, "jobs_newest")
+    monkeypatch.setattr(indexfile, "CHECK_SECONDS", 0)
+    index = JobIndex(Layout(output))
+    assert index.reconcile().result() == 0  # closed in order: trusted as it is
+    newest_first = sorted(jobs, key=lambda j: (j.created_at, j.endpoint, j.id), reverse=True)
+    assert [r.id for r in all_rows(index)] == [j.id for j in newest_first]
+    index.close()
+    again = JobIndex(Layout(output))
+    assert again.reconcile().result() == 0  # the remade file was closed in order
+    assert len(all_rows(again)) == 200
+    again.close()
+
+
+def test_damage_found_by_a_write_makes_it_again(tmp_path: Path, monkeypatch) -> None:
+    """A new job's row goes where the damage is: the file is made again there and then (it
+    was retried forever, and every start trusted the damaged file)."""
+    output = tmp_path / "output"
+    jobs = on_disk(output, 200)
+    index = JobIndex(Layout(output))
+    index.reconcile().result()
+    index.close()
+    damage_the_file(output, "jobs_newest", last=True)
+    assert quick_check(output) != "ok"
+    monkeypatch.setattr(indexfile, "CHECK_SECONDS", 0)
+    index = JobIndex(Layout(output))
+    assert index.reconcile().result() == 0
+    newest = make_job("text-to-image", 500, random.Random(8), finished=True)
+    write_job(output, newest, output.parent / "tiny.png")
+    index.put(newest)
+    index.close()  # writes the row: no page was asked for
+    assert quick_check(output) == "ok"
+    again = JobIndex(Layout(output))
+    assert again.reconcile().result() == 0  # closed in order after it was made again
+    assert {r.id for r in all_rows(again)} == {j.id for j in [*jobs, newest]}
+    again.close()
+
+
+def test_an_item_changed_yet_still_json_is_found_by_its_crc(tmp_path: Path) -> None:
+    output = tmp_path / "output"
+    jobs = on_disk(output, 5)
+    index = JobIndex(Layout(output))
+    index.reconcile().result()
+    index.close()
+    path = output / ".index.sqlite3"
+    data = path.read_bytes()
+    prompt = jobs[3].params["prompt"].encode()  # a text-to-image job
+    assert data.count(prompt) == 1
+    path.write_bytes(data.replace(prompt, prompt.upper()))  # JSON still, but not what was put
+    index = JobIndex(Layout(output))
+    index.reconcile().result()
+    items = {r.id: json.loads(r.item) for r in all_rows(index)}
+    assert items[jobs[3].id]["params"]["prompt"] == jobs[3].params["prompt"]
+    assert len(items) == 5
+    index.close()
+
+
+def test_names_that_end_in_a_newline_are_not_jobs(tmp_path: Path) -> None:
+    """`^...$` also matched before a trailing newline: such a folder was taken for a job."""
+    output = tmp_path / "output"
+    jobs = on_disk(output, 2)
+    folder = output / jobs[0].endpoint / jobs[0].id
+    shutil.copytree(folder, folder.with_name(jobs[0].id + "\n"))
+    shutil.rmtree(folder)
+    index = JobIndex(Layout(output))
+    assert index.reconcile().result() == 1
+    assert [r.id for r in all_rows(index)] == [jobs[1].id]
+    index.close()
+    assert parse_marker(f"{jobs[1].endpoint}.{jobs[1].id}") == (jobs[1].endpoint, jobs[1].id)
+    assert parse_marker(f"{jobs[1].endpoint}.{jobs[1].id}\n") is None

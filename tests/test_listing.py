@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -14,34 +15,40 @@ from typing import Any
 
 import pytest
 
+from sd_rest.cursorkey import load_cursor_key
 from sd_rest.errors import ApiError
 from sd_rest.jobs import Status
+from sd_rest.layout import Layout
 from sd_rest.listing import (
     DEFAULT_LIMIT,
     decode_cursor,
     encode_cursor,
     iso_time,
     parse_query,
+    seal,
 )
 
 from bench.jobfolders import generate
 from helpers import Server
 
+KEY = b"k" * 32
+
 # --- the query, pure ---------------------------------------------------------------------------
 
 
 def test_the_query_defaults_and_filters() -> None:
-    query = parse_query({})
+    query = parse_query({}, KEY)
     assert query.limit == DEFAULT_LIMIT == 50
     assert query.statuses == frozenset(Status) and query.after is None
-    query = parse_query([("status", "queued,FAILED"), ("status", "running"), ("limit", "500")])
+    query = parse_query([("status", "queued,FAILED"), ("status", "running"), ("limit", "500")], KEY)
     assert query.statuses == {Status.QUEUED, Status.FAILED, Status.IN_PROGRESS}
     assert query.stored_statuses() == {Status.QUEUED, Status.FAILED, Status.IN_PROGRESS}
-    assert parse_query({"status": "queued"}).stored_statuses() == {
+    assert parse_query({"status": "queued"}, KEY).stored_statuses() == {
         Status.QUEUED,
         Status.IN_PROGRESS,  # a job whose script loads reads QUEUED
     }
-    assert parse_query({"endpoint": "inpaint-image"}).endpoints == {"inpaint-image"}
+    assert parse_query({"endpoint": "inpaint-image"}, KEY).endpoints == {"inpaint-image"}
+    assert parse_query({"limit": "0" * 5000 + "7"}, KEY).limit == 7
 
 
 @pytest.mark.parametrize(
@@ -56,7 +63,12 @@ def test_the_query_defaults_and_filters() -> None:
         ([("status", "queued,")], "status", "invalid_field"),
         ([("endpoint", "txt2img")], "endpoint", "invalid_field"),
         ([("cursor", "abc")], "cursor", "invalid_field"),
-        ([("cursor", encode_cursor((1.0, "text-to-image", "x" * 32)))], "cursor", "invalid_field"),
+        (
+            [("cursor", encode_cursor((1.0, "text-to-image", "x" * 32), KEY))],
+            "cursor",
+            "invalid_field",
+        ),
+        ([("limit", "9" * 5000)], "limit", "invalid_field"),  # int() refuses: was a 500
         ([("page", "2")], "page", "unknown_field"),
     ],
 )
@@ -64,15 +76,69 @@ def test_bad_query_parameters_are_named(
     pairs: list[tuple[str, str]], field: str, code: str
 ) -> None:
     with pytest.raises(ApiError) as caught:
-        parse_query(pairs)
+        parse_query(pairs, KEY)
     assert caught.value.status == 400
     assert (caught.value.field, caught.value.code) == (field, code)
 
 
 def test_the_cursor_round_trips_exactly() -> None:
     place = (1_750_000_123.456789, "image-to-image", "ab" * 16)
-    assert decode_cursor(encode_cursor(place)) == place
-    assert "=" not in encode_cursor(place)
+    assert decode_cursor(encode_cursor(place, KEY), KEY) == place
+    assert "=" not in encode_cursor(place, KEY)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'["0x1.0p+0",["text-to-image"],"' + b"ab" * 16 + b'"]',  # was unhashable: a 500
+        b'["0x1.0p+0",{},"' + b"ab" * 16 + b'"]',
+        b"[" * 3000,  # was a RecursionError
+        b'["0x1.0p+0","text-to-image","' + b"ab" * 16 + b'\\n"]',  # `$` took the newline
+        b'["nan","text-to-image","' + b"ab" * 16 + b'"]',
+        b'["0x1.0p+0","text-to-image","' + b"ab" * 16 + b'",1]',
+        b'{"a":1}',
+        b"\xff\xfe",
+    ],
+)
+def test_a_signed_cursor_that_is_no_place_is_refused(raw: bytes) -> None:
+    """Signed (a key that leaked, an older format): still read with care, never a 500."""
+    with pytest.raises(ApiError) as refused:
+        decode_cursor(seal(raw, KEY), KEY)
+    assert (refused.value.status, refused.value.field) == (400, "cursor")
+
+
+def test_a_cursor_another_key_signed_or_changed_is_refused() -> None:
+    cursor = encode_cursor((1_750_000_000.5, "text-to-image", "ab" * 16), KEY)
+    changed = cursor[:5] + ("A" if cursor[5] != "A" else "B") + cursor[6:]
+    for text in (encode_cursor((1.5, "text-to-image", "ab" * 16), b"x" * 32), changed, cursor[:-3]):
+        with pytest.raises(ApiError) as refused:
+            decode_cursor(text, KEY)
+        assert refused.value.field == "cursor"
+    with pytest.raises(ApiError):
+        decode_cursor("A" * 5000, KEY)
+
+
+def test_the_cursor_key_is_kept_beside_the_index(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "output")
+    key = load_cursor_key(layout)
+    path = layout.cursor_key_file
+    assert len(key) == 32 and path.read_bytes() == key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_cursor_key(layout) == key  # the same after a restart
+    path.chmod(0o644)
+    assert load_cursor_key(layout) == key and stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.write_bytes(b"short")  # damaged: a new one
+    other = load_cursor_key(layout)
+    assert other != key and len(other) == 32 and path.read_bytes() == other
+    path.unlink()
+    path.mkdir()  # no plain file: moved to the quarantine, a new key made
+    (path / "inside").write_text("kept for a person to see")
+    new = load_cursor_key(layout)
+    assert path.read_bytes() == new and len(new) == 32
+    quarantined = list(layout.quarantine_dir.iterdir())
+    assert [(p.name.startswith("cursor-key-"), (p / "inside").exists()) for p in quarantined] == [
+        (True, True)
+    ]
 
 
 def test_times_are_iso_8601_utc() -> None:
@@ -240,6 +306,22 @@ def test_the_index_survives_crashes_and_outside_changes(make_server: Callable[..
     assert server.get("/.index.sqlite3").status == 404
 
 
+def test_a_cursor_outlives_a_restart_and_one_from_another_server_is_refused(
+    make_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    output = make_server(start=False).output
+    generate(output, 30, 0)
+    server = make_server(output=output)
+    first = page(server, "?limit=10")
+    second = page(server, f"?limit=10&cursor={first['nextCursor']}")
+    assert server.stop() == 0
+    server = make_server(output=output)
+    assert page(server, f"?limit=10&cursor={first['nextCursor']}") == second
+    other = make_server(output=tmp_path / "elsewhere" / "output")
+    refused = other.get(f"/jobs?limit=10&cursor={first['nextCursor']}")
+    assert refused.status == 400 and refused.json()["error"]["field"] == "cursor"
+
+
 @pytest.mark.parametrize("digits", ["²", "1²", "٣"])
 def test_digits_int_cannot_read_or_that_are_not_ascii_are_a_400_not_a_500(digits: str) -> None:
     # str.isdigit takes "²", which int() refuses: that was an internal error (found with
@@ -248,7 +330,7 @@ def test_digits_int_cannot_read_or_that_are_not_ascii_are_a_400_not_a_500(digits
     from sd_rest.tokens import token_key, token_valid
 
     with pytest.raises(ApiError) as refused:
-        parse_query([("limit", digits)])
+        parse_query([("limit", digits)], KEY)
     assert (refused.value.status, refused.value.field) == (400, "limit")
     assert parse_event_id(digits) is None
     assert not token_valid(token_key("k"), f"{digits}.nonce.signature", time.time())

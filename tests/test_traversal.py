@@ -53,6 +53,8 @@ ROOT_RELATIVE = [
     "/demo-cert.pem",
     "/.queue",
     "/.quarantine",
+    "/.cursor-key",
+    "/.index.sqlite3",
     "/image-to-image",
     "/image-to-image/",
     "/image-to-image/..%2f..%2fetc%2fpasswd",
