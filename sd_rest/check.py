@@ -543,10 +543,18 @@ def job_index(output: Path) -> Result:
             problem = access.explain(path, exc)
             return _fail(item, f"the job index {path} is out of reach: {problem.reason}", remake)
         if not stat.S_ISREG(info.st_mode):
-            return _fail(
+            if not _replaceable(path, info):
+                return _fail(
+                    item,
+                    f"the job index {path} is not a file, and {access.user()} may not move it "
+                    "out of the way",
+                    f"rm -r {path} (the server makes it again from the job folders)",
+                )
+            return Result(
                 item,
-                f"the job index {path} is not a file",
-                f"rm -r {path} (the server makes it again from the job folders)",
+                WARN,
+                f"{path} is not a file: the server moves it to the quarantine and makes the "
+                "index again from the job folders",
             )
         if os.access(path, os.R_OK | os.W_OK):
             continue
