@@ -250,6 +250,7 @@ def test_an_interpreter_without_torch_runs_inpaint_the_same_in_both_runners(
     """inpaint's seed is given to torch before the script; an interpreter that cannot import
     torch runs the script anyway (the sitecustomize passes over the ImportError): the script
     decides. The resident worker used to fail itself ("driver failed", status 70) instead."""
+
     async def scenario() -> None:
         repo = repository(tmp_path, INPAINT_WITHOUT_TORCH)
         config = settings(tmp_path / "out", repository=repo, runner=runner, warm_start=False)
