@@ -375,6 +375,7 @@ class Worker:
             "rss": self.heartbeat.get("rss") if state != "gone" else None,
             "models": self.heartbeat.get("models"),
             "silent": round(self.silence(), 1) if state != "gone" else None,
+            "longest_silence": round(self.longest_silence, 1),  # to choose --worker-timeout by
         }
         if state == "gone":
             doc["ended"] = self.how_it_ended()
