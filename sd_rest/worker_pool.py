@@ -186,7 +186,7 @@ class WorkerPool:
                     self._dispose(worker)
 
     async def _hung(self) -> None:
-        """Kill the workers silent for longer than the limit (their exits do the rest)."""
+        """Kill the workers silent for longer than the limit: hung, or stopped."""
         limit = self.settings.worker_timeout
         period = min(1.0, limit / 4)
         loop = asyncio.get_running_loop()
@@ -196,20 +196,29 @@ class WorkerPool:
             if loop.time() - due > period:
                 continue  # the server itself was held up: heartbeats may be waiting unread
             for worker in self._live():
-                watched = worker.ready and worker.alive and worker.silenced is None
-                if watched and worker.silence() > limit:
-                    worker.kill_silent()
+                channel = worker.channel
+                watched = channel is not None and worker.alive and worker.silenced is None
+                if watched and channel.silence() > limit:
+                    worker.silenced = channel.silence()
+                    log.error(
+                        "worker %d (pid %s) silent for %.0f s (--worker-timeout %g): killing it",
+                        worker.number,
+                        worker.pid,
+                        worker.silenced,
+                        limit,
+                    )
+                    worker.signal_kill()  # its run, or its exit, does the rest
 
     def _live(self) -> list[Worker]:
         warm = [self._warm] if self._warm is not None else []
         return sorted({*self._busy, *self._idle, *warm}, key=lambda w: w.number)
 
     def describe(self) -> list[dict[str, Any]]:
-        """Each worker's state from what the pool knows (see Worker.describe): never waits."""
+        """Each worker's state from what the pool knows (see `listing`): never waits."""
         now = time.monotonic()
         self._gone = [(when, w) for when, w in self._gone if now - when < GONE_LISTED]
         gone = [w for _, w in self._gone]
-        return [w.describe() for w in sorted({*self._live(), *gone}, key=lambda w: w.number)]
+        return [listing(w) for w in sorted({*self._live(), *gone}, key=lambda w: w.number)]
 
     async def close(self) -> None:
         """At shutdown: every worker ended (busy ones were interrupted by their runners)."""
@@ -227,3 +236,33 @@ class WorkerPool:
         self._idle.clear()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+def listing(worker: Worker) -> dict[str, Any]:
+    """What `GET /` shows of a worker: what the server knows and the worker's last heartbeat
+    (never a question to the worker, nor a look at its process: answered at once, whatever the
+    worker does)."""
+    if worker.gone:
+        state = "gone"
+    elif worker.warming:
+        state = "warming"
+    else:
+        state = "busy" if worker.busy else "idle"
+    channel = worker.channel
+    heartbeat = channel.heartbeat if channel is not None else {}
+    here = state != "gone"
+    doc: dict[str, Any] = {
+        "worker": worker.number,
+        "pid": worker.pid,
+        "state": state,
+        "jobs": worker.jobs,
+        "model": worker.model,
+        "rss": heartbeat.get("rss") if here else None,
+        "models": heartbeat.get("models"),
+        "silent": round(channel.silence(), 1) if here and channel is not None else None,
+        # To choose --worker-timeout by.
+        "longest_silence": round(channel.longest_silence, 1) if channel is not None else None,
+    }
+    if not here:
+        doc["ended"] = worker.how_it_ended()
+    return doc

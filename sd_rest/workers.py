@@ -3,7 +3,7 @@
 
 A worker is started like a script (the fork's interpreter, on a pty, cwd the repository, the
 scripts' environment): the scripts' output flows through its pty as before, and it talks to
-the server over a Unix socket of its own (JSON lines; the protocol is in
+the server over a Unix socket of its own (worker_channel.py; the protocol is in
 worker_driver/__init__.py). It sends a heartbeat on that socket every few seconds from a thread
 of its own, whatever the script does; the pool (worker_pool.py) kills one silent for too long.
 """
@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
-import shutil
 import signal
-import socket
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,14 +26,11 @@ from .exits import ScriptExit
 from .pty_process import PtyProcess, SpawnError
 from .scripts import script_environment
 from .settings import Settings
+from .worker_channel import Channel, NotReady, Rendezvous
 
 log = logging.getLogger(__name__)
 
 DRIVER: Final = Path(__file__).with_name("worker_driver")  # a folder Python runs by path
-SOCKET_ENV: Final = "SD_REST_WORKER_SOCKET"
-TOKEN_ENV: Final = "SD_REST_WORKER_TOKEN"
-HEARTBEAT_ENV: Final = "SD_REST_WORKER_HEARTBEAT"
-READY_TIMEOUT: Final = 60.0  # the driver connects before importing anything heavy
 MARKER_WAIT: Final = 2.0  # pty output can trail the socket's `finished` by a moment
 EXIT_WAIT: Final = 2.0  # an `exit` asked of an idle worker, before SIGTERM
 MAX_HEARTBEAT: Final = 2.0  # seconds between a worker's heartbeats, at most
@@ -142,11 +135,9 @@ class Worker:
         self.jobs = 0
         self.started_at = time.time()
         self.last_used = time.monotonic()
-        self.last_heard = time.monotonic()  # the last message on its channel
-        self.longest_silence = 0.0  # between two messages, since it was ready
+        self.channel: Channel | None = None  # once it is ready
         self.model: dict[str, Any] | None = None  # the last job's cache report
         self.last_outcome: str | None = None  # the last job's
-        self.heartbeat: dict[str, Any] = {}  # the last one
         self.warming = False  # running its warm-up (worker_pool.py)
         self.closing = False  # the pool asked it to end: its exit is expected
         self.silenced: float | None = None  # killed after this many seconds of silence
@@ -154,7 +145,6 @@ class Worker:
         self.retire: str | None = None  # set: replace this worker once it is free
         self._on_exit = on_exit
         self._process: PtyProcess | None = None
-        self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._run: _Run | None = None
         self._exited: asyncio.Future[ScriptExit] | None = None
@@ -172,29 +162,14 @@ class Worker:
         """Its process was started and has ended."""
         return self._exited is not None and self._exited.done()
 
-    @property
-    def ready(self) -> bool:
-        """Connected, and so beating."""
-        return self._writer is not None
-
-    def silence(self) -> float:
-        return time.monotonic() - self.last_heard
-
     # --- start ------------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        folder = Path(tempfile.mkdtemp(prefix="sd-rest-worker-"))  # 0700: ours alone
-        path = folder / "control.sock"
-        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        rendezvous = Rendezvous()
         try:
-            listening.bind(str(path))
-            listening.listen(1)
-            listening.setblocking(False)
-            token = secrets.token_hex(16)
             env = script_environment(os.environ, self.settings.repository)
-            beat = heartbeat_interval(self.settings.worker_timeout)
-            env.update({SOCKET_ENV: str(path), TOKEN_ENV: token, HEARTBEAT_ENV: f"{beat:g}"})
+            env.update(rendezvous.environment(heartbeat_interval(self.settings.worker_timeout)))
             argv = [str(self.settings.python), str(DRIVER)]
             try:
                 self._process = await PtyProcess.spawn(argv, env, self.settings.repository)
@@ -204,41 +179,18 @@ class Worker:
             self._exited = loop.create_future()
             self._tasks.append(loop.create_task(self._watch_pty()))
             try:
-                connection = await asyncio.wait_for(self._accept(listening), READY_TIMEOUT)
-                reader, writer = await asyncio.open_connection(sock=connection)
-                ready = json.loads(await asyncio.wait_for(reader.readline(), READY_TIMEOUT))
-            except (asyncio.TimeoutError, OSError, ValueError) as exc:
+                reader, writer, ready = await rendezvous.meet(self._exited)
+            except NotReady as exc:
                 self.closing = True  # its job says why: not listed as gone
                 await self.kill()
-                raise WorkerError(f"the worker did not start: {exc or type(exc).__name__}") from exc
+                raise WorkerError(str(exc)) from exc
         finally:
-            listening.close()
-            shutil.rmtree(folder, ignore_errors=True)
-        if ready.get("event") != "ready" or not secrets.compare_digest(
-            str(ready.get("token")), token
-        ):
-            writer.close()
-            self.closing = True
-            await self.kill()
-            raise WorkerError("the worker's first message was not its ready with our token")
-        self._writer = writer
-        self.last_heard = time.monotonic()
-        self._tasks.append(loop.create_task(self._read_control(reader)))
+            rendezvous.close()
+        self.channel = Channel(self.number, reader, writer, self._on_message)
+        self._tasks.append(loop.create_task(self.channel.read()))
         log.info(
             "worker %d started (pid %d, Python %s)", self.number, self.pid, ready.get("python")
         )
-
-    async def _accept(self, listening: socket.socket) -> socket.socket:
-        """The worker's connection; WorkerError if the worker ends before it connects."""
-        loop = asyncio.get_running_loop()
-        accepting = loop.create_task(loop.sock_accept(listening))
-        assert self._exited is not None
-        done, _ = await asyncio.wait({accepting, self._exited}, return_when=asyncio.FIRST_COMPLETED)
-        if accepting not in done:
-            accepting.cancel()
-            raise OSError(f"it exited first ({self._exited.result().describe()})")
-        connection, _ = accepting.result()
-        return connection
 
     # --- a run ------------------------------------------------------------------------
 
@@ -313,18 +265,6 @@ class Worker:
         self.closing = True
         self.signal_kill()
 
-    def kill_silent(self) -> None:
-        """It has not been heard of for longer than the limit: hung, or stopped."""
-        self.silenced = self.silence()
-        log.error(
-            "worker %d (pid %s) silent for %.0f s (--worker-timeout %g): killing it",
-            self.number,
-            self.pid,
-            self.silenced,
-            self.settings.worker_timeout,
-        )
-        self.signal_kill()
-
     async def kill(self) -> None:
         """End the worker now, and wait until it is reaped."""
         self.signal_kill()
@@ -353,33 +293,8 @@ class Worker:
         await asyncio.gather(
             *(t for t in self._tasks if t is not asyncio.current_task()), return_exceptions=True
         )
-        if self._writer is not None:
-            self._writer.close()
-
-    def describe(self) -> dict[str, Any]:
-        """What `GET /` shows: what the server knows and the worker's last heartbeat (never a
-        question to the worker, nor a look at its process: answered at once, whatever the
-        worker does)."""
-        if self.gone:
-            state = "gone"
-        elif self.warming:
-            state = "warming"
-        else:
-            state = "busy" if self.busy else "idle"
-        doc: dict[str, Any] = {
-            "worker": self.number,
-            "pid": self.pid,
-            "state": state,
-            "jobs": self.jobs,
-            "model": self.model,
-            "rss": self.heartbeat.get("rss") if state != "gone" else None,
-            "models": self.heartbeat.get("models"),
-            "silent": round(self.silence(), 1) if state != "gone" else None,
-            "longest_silence": round(self.longest_silence, 1),  # to choose --worker-timeout by
-        }
-        if state == "gone":
-            doc["ended"] = self.how_it_ended()
-        return doc
+        if self.channel is not None:
+            self.channel.close()
 
     def how_it_ended(self) -> str:
         if self.silenced is not None:
@@ -389,34 +304,14 @@ class Worker:
     # --- the two channels -------------------------------------------------------------
 
     def _send(self, message: dict[str, Any]) -> None:
-        if self._writer is None or self._writer.is_closing():
-            raise WorkerError("the worker's channel is closed")
-        self._writer.write(json.dumps(message).encode() + b"\n")
-
-    async def _read_control(self, reader: asyncio.StreamReader) -> None:
-        while True:
-            try:
-                line = await reader.readline()
-            except (OSError, ValueError):
-                line = b""
-            if not line:
-                return  # the worker is gone: _watch_pty settles the run with how it ended
-            now = time.monotonic()
-            self.longest_silence = max(self.longest_silence, now - self.last_heard)
-            self.last_heard = now
-            try:
-                message = json.loads(line)
-            except ValueError:
-                log.warning("worker %d sent a bad line: %r", self.number, line[:200])
-                continue
-            self._on_message(message)
+        if self.channel is None:
+            raise WorkerError("the worker is not connected")
+        self.channel.send(message)
 
     def _on_message(self, message: dict[str, Any]) -> None:
         event = message.get("event")
         run = self._run
-        if event == "heartbeat":
-            self.heartbeat = message
-        elif event == "started" and run is not None and message.get("job") == run.job:
+        if event == "started" and run is not None and message.get("job") == run.job:
             run.on_started()
         elif event == "finished" and run is not None and message.get("job") == run.job:
             if not run.finished.done():
@@ -439,8 +334,8 @@ class Worker:
             self._exited.set_result(ended)
         if run is not None and not run.finished.done():
             run.finished.set_result(Finished("died", None, died=ended, silent=self.silenced))
-        if self._writer is not None:
-            self._writer.close()
+        if self.channel is not None:
+            self.channel.close()
         if self._on_exit is not None:
             self._on_exit(self)
 
