@@ -8,9 +8,9 @@ loads the model when the server starts), and, before them, the first resident jo
 second at the warm-up's size (warm start: the first pays nothing the second does not). Then more
 jobs on the resident server: the worker's RSS after 5 and after 50 jobs, and the longest it went
 without a heartbeat over all of them (what `--worker-timeout` must leave room for). And what a
-job that reuses the model needs to keep the generator in step: the worker's jump-ahead by the build's draws, timed and its peak
-memory traced on the fork's interpreter, for the kit's model and for the draws of the full-size
-SD v1, against the weights.
+job that reuses the model needs to keep the generator in step: the worker's jump-ahead by the
+build's draws, timed and its peak memory traced on the fork's interpreter, for the kit's model
+and for the draws of the full-size SD v1, against the weights.
 (A job's whole peak RSS was tried first: it moves by ±10–30 MiB from job to job on the tiny
 model, far above what the jump needs.)
 
