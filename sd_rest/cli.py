@@ -71,6 +71,16 @@ HELP_ROWS = [
     HelpRow("--worker-max-jobs", "Tasks a resident worker runs before it is replaced", "100"),
     HelpRow("--worker-idle", "Seconds a resident worker may idle before it is stopped", "600"),
     HelpRow(
+        "--worker-timeout",
+        "Seconds a resident worker may go without a heartbeat before it is killed",
+        "120",
+    ),
+    HelpRow(
+        "--no-warm-start",
+        "Do not load the text-to-image model in a resident worker before the first task",
+        None,
+    ),
+    HelpRow(
         "--max-connections",
         "Number of open connections; more are closed at once",
         str(DEFAULT_MAX_CONNECTIONS),
@@ -130,6 +140,8 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 @click.option("--runner", default="resident", type=click.Choice(["resident", "process"]))
 @click.option("--worker-max-jobs", default=100, type=click.IntRange(1, 1_000_000))
 @click.option("--worker-idle", default=600.0, type=click.FloatRange(1, 1e9))
+@click.option("--worker-timeout", default=120.0, type=click.FloatRange(1, 1e9))
+@click.option("--warm-start/--no-warm-start", default=True)
 @click.option("--max-connections", default=DEFAULT_MAX_CONNECTIONS, type=click.IntRange(1, 100_000))
 @click.option("--min-free-space", default="1G")
 @click.option("--demo", is_flag=True, default=False)
@@ -152,6 +164,8 @@ def main(
     runner: str,
     worker_max_jobs: int,
     worker_idle: float,
+    worker_timeout: float,
+    warm_start: bool,
     max_connections: int,
     min_free_space: str,
     demo: bool,
@@ -210,6 +224,8 @@ def main(
         runner=runner,
         worker_max_jobs=worker_max_jobs,
         worker_idle_seconds=worker_idle,
+        worker_timeout=worker_timeout,
+        warm_start=warm_start,
     )
     for model in Model:
         path = settings.checkpoint(model)

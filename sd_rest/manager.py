@@ -91,6 +91,8 @@ class JobManager:
     async def start(self, unfinished: list[Job]) -> None:
         """Queue the recovered jobs (before any new one can be posted: submission order) and
         start the workers; finished jobs are checked in the background."""
+        if isinstance(self.runners, Runners):
+            self.runners.start()  # a worker warming up before the first job asks for one
         for job in unfinished:
             await self.queue.put(job)
         self.queue.start()

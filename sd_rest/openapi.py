@@ -355,7 +355,9 @@ def _schemas() -> dict[str, Any]:
             "workers": {
                 "type": "array",
                 "items": {"type": "object"},
-                "description": "Each resident worker's state (none with `--runner process`).",
+                "description": "Each resident worker's state (none with `--runner process`): "
+                "`warming`, `idle`, `busy`, or `gone` (listed for a while after it died or was "
+                "killed unasked), from its last heartbeat; see the README's `GET /`.",
             },
         },
         "required": ["name", "version", "endpoints", "running", "queued"],

@@ -1,8 +1,9 @@
 """The second runner: the job's unmodified script run as `__main__` in a resident worker
-(workers.py), which keeps the imports and the model loaded between jobs."""
+(workers.py, worker_pool.py), which keeps the imports and the model loaded between jobs."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 
@@ -16,7 +17,8 @@ from .runners import Outcome, OutcomeKind, RunSink
 from .scripts import plan_run
 from .settings import Settings
 from .store import JobStore
-from .workers import Finished, Worker, WorkerError, WorkerPool
+from .worker_pool import WorkerPool
+from .workers import Finished, Worker, WorkerError
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class ResidentRunner(JobRun):
         self._script_began = False  # the worker has begun the script: an interrupt reaches it
         self._reported_start = False
         self._retry: str | None = None  # why the run deserves a second chance, in a fresh worker
+        self._abandon = asyncio.Event()  # set: stop waiting for a worker warming up
 
     async def run(self) -> Outcome:
         outcome = await super().run()
@@ -63,10 +66,11 @@ class ResidentRunner(JobRun):
         # An idle worker ignores one, so before the script begins it waits for `_began`.
         worker = self._worker
         if worker is None:
+            self._abandon.set()
             return  # no worker yet: the run is not begun when it comes (see _execute)
         if self._script_began:
             worker.interrupt()
-        self._kill_later(max(kill_after, WORKER_KILL_AFTER), worker.signal_kill)
+        self._kill_later(max(kill_after, WORKER_KILL_AFTER), worker.end_now)
 
     def _began(self) -> None:
         self._script_began = True
@@ -83,12 +87,13 @@ class ResidentRunner(JobRun):
     async def _execute(self, workspace: Workspace, publisher: ImagePublisher) -> ScriptExit | str:
         endpoint = ENDPOINTS[self.job.endpoint]
         try:
-            worker = await self.pool.acquire()
+            worker = await self.pool.acquire(self._abandon)
         except WorkerError as exc:
             workspace.log.write(f"could not start a worker: {exc}\n".encode())
             return str(exc)
-        if self._canceled or self._stopping:  # asked while the worker was being found
-            self.pool.release(worker)
+        if worker is None or self._canceled or self._stopping:  # asked while it was found
+            if worker is not None:
+                self.pool.release(worker)
             return ScriptExit(None, signal.SIGINT)
         self._worker = worker
         self._script_began = False
@@ -107,14 +112,27 @@ class ResidentRunner(JobRun):
             self._worker = None
             self.pool.release(worker)
         self._retry = _second_chance(finished)
+        if finished.silent is not None:
+            message = _silent_message(finished.silent, self.settings.worker_timeout)
+            workspace.log.write(f"\nsd-rest: {message}\n".encode())
+            return message
         return finished.ended
+
+
+def _silent_message(silent: float, limit: float) -> str:
+    return (
+        f"the worker running the script sent no heartbeat for {silent:.0f} s (hung, or "
+        f"stopped; --worker-timeout {limit:g}): it was killed"
+    )
 
 
 def _second_chance(finished: Finished) -> str | None:
     """Why a failed run should be tried once more in a fresh worker: the worker ran out of
-    memory, or died under it (the system kills a process that runs out)."""
+    memory, died under it (the system kills a process that runs out), or hung."""
     if finished.oom:
         return "the worker ran out of memory"
+    if finished.silent is not None:
+        return f"its worker was silent for {finished.silent:.0f} s and was killed"
     if finished.died is not None:
         return f"its worker died ({finished.died.describe()})"
     return None

@@ -68,7 +68,7 @@ class Runners:
     (resident_runner.py), or one process per job (script_runner.py)."""
 
     def __init__(self, settings: Settings, store: JobStore) -> None:
-        from .workers import WorkerPool
+        from .worker_pool import WorkerPool
 
         self.settings = settings
         self.store = store
@@ -84,9 +84,15 @@ class Runners:
 
         return ScriptRunner(self.settings, self.store, job, sink)
 
+    def start(self) -> None:
+        """At server start, before any job: resident workers warm up."""
+        if self.pool is not None:
+            self.pool.start()
+
     async def describe(self) -> list[dict[str, Any]]:
-        """The workers' states, for `GET /` (none without resident workers)."""
-        return await self.pool.describe() if self.pool is not None else []
+        """The workers' states, for `GET /` (none without resident workers); never waits on
+        a worker."""
+        return self.pool.describe() if self.pool is not None else []
 
     async def close(self) -> None:
         """At shutdown, once no job runs any more."""

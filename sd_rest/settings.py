@@ -94,6 +94,9 @@ class Settings:
     runner: str = "resident"  # or "process": one fresh process per job (runners.py)
     worker_max_jobs: int = 100  # a resident worker is replaced after this many jobs
     worker_idle_seconds: float = 600.0  # and after being idle this long (memory back to the OS)
+    # A worker silent this long (no heartbeat: hung, or stopped) is killed, its job resumed.
+    worker_timeout: float = 120.0
+    warm_start: bool = True  # a worker loads the text-to-image model before the first job
 
     def checkpoint(self, model: Model) -> Path:
         if model is Model.TEXT_TO_IMAGE:

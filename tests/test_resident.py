@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from sd_rest import workers
+from sd_rest import worker_pool
+from sd_rest.endpoints import ENDPOINTS
 from sd_rest.jobs import Job, Status
 from sd_rest.manager import JobManager
 from sd_rest.resident_runner import WORKER_KILL_AFTER
 
-from helpers import FAST_SIMULATOR, process_running
+from helpers import FAST_SIMULATOR, mask_bytes, png_bytes, process_running
 from inprocess import settings, text_params, until
 
 
@@ -90,7 +91,7 @@ def test_jobs_share_a_worker_and_get_a_fresh_one_after_max_jobs(tmp_path: Path) 
 def test_a_worker_idle_too_long_gives_its_memory_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(workers, "REAP_EVERY", 0.05)
+    monkeypatch.setattr(worker_pool, "REAP_EVERY", 0.05)
 
     async def scenario() -> None:
         repo = repository(tmp_path, WRITES_AN_IMAGE)
@@ -121,8 +122,10 @@ DEAF = """\
 
 
 async def deaf_job_loading(tmp_path: Path) -> tuple[JobManager, Job]:
-    """A manager whose one job's script (DEAF) is "loading its model" in a worker."""
-    manager = JobManager(settings(tmp_path / "out", repository=repository(tmp_path, DEAF)))
+    """A manager whose one job's script (DEAF) is "loading its model" in a worker (no warm
+    start: its warm-up would be as deaf)."""
+    repo = repository(tmp_path, DEAF)
+    manager = JobManager(settings(tmp_path / "out", repository=repo, warm_start=False))
     await manager.start(manager.recover())
     job = await manager.submit("text-to-image", text_params(), {}, {})
     log = manager.store.layout.log(job.endpoint, job.id)
@@ -165,7 +168,8 @@ def test_a_run_that_runs_out_of_memory_gets_a_second_chance_in_a_fresh_worker(
             textwrap.dedent(WRITES_AN_IMAGE), "    "
         )
         repo = repository(tmp_path, script)
-        manager = JobManager(settings(tmp_path / "out", repository=repo))
+        # No warm start: its warm-up would be the script's first run.
+        manager = JobManager(settings(tmp_path / "out", repository=repo, warm_start=False))
         await manager.start(manager.recover())
         job = await manager.submit("text-to-image", text_params(), {}, {})
         await finished(job)
@@ -186,7 +190,9 @@ def test_a_worker_that_dies_every_time_fails_the_job_saying_how(tmp_path: Path) 
         await finished(job)
         assert job.status is Status.FAILED
         assert job.error is not None and job.error.startswith("the script was killed by SIGKILL")
-        assert await manager.workers() == []  # both dead workers were let go
+        # The warm-up's, the run's and its second chance's: all gone, none replaced (a
+        # warm-up that failed is not tried again until a job succeeds).
+        assert [w["state"] for w in await manager.workers()] == ["gone"] * 3
         await manager.shutdown()
 
     asyncio.run(scenario())
@@ -217,6 +223,49 @@ def test_a_worker_that_cannot_connect_is_reported(tmp_path: Path) -> None:
         await finished(job)
         assert job.status is Status.FAILED
         assert job.error is not None and job.error.startswith("the worker did not start")
+        await manager.shutdown()
+
+    asyncio.run(scenario())
+
+
+# inpaint.py's output, <outdir>/<input's name>.png, from a script that never imports torch.
+INPAINT_WITHOUT_TORCH = """\
+    import os, sys, zlib, struct
+    arg = lambda name: next(a.split("=", 1)[1] for a in sys.argv if a.startswith(name + "="))
+    name = next(f for f in os.listdir(arg("--indir")) if not f.endswith("_mask.png"))
+    def chunk(kind, data):
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+    png = (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\\0\\0")) + chunk(b"IEND", b""))
+    with open(os.path.join(arg("--outdir"), name), "wb") as f:
+        f.write(png)
+"""
+
+
+@pytest.mark.parametrize("runner", ["process", "resident"])
+def test_an_interpreter_without_torch_runs_inpaint_the_same_in_both_runners(
+    tmp_path: Path, runner: str
+) -> None:
+    """inpaint's seed is given to torch before the script; an interpreter that cannot import
+    torch runs the script anyway (the sitecustomize passes over the ImportError): the script
+    decides. The resident worker used to fail itself ("driver failed", status 70) instead."""
+
+    async def scenario() -> None:
+        repo = repository(tmp_path, INPAINT_WITHOUT_TORCH)
+        config = settings(tmp_path / "out", repository=repo, runner=runner, warm_start=False)
+        manager = JobManager(config)
+        await manager.start(manager.recover())
+        endpoint = ENDPOINTS["inpaint-image"]
+        uploads = {"image": png_bytes(256, 256), "mask": mask_bytes(256, 256)}
+        params = {**endpoint.defaults, "steps": 2}
+        job = await manager.submit(
+            "inpaint-image", params, uploads, endpoint.prepare_inputs(uploads)
+        )
+        await finished(job)
+        assert job.status is Status.COMPLETE, job.error
+        log = manager.store.layout.log(job.endpoint, job.id).read_text(errors="replace")
+        assert log.count("=== sd-rest run") == 1, log  # no second chance was needed
         await manager.shutdown()
 
     asyncio.run(scenario())

@@ -12,11 +12,12 @@ with cwd = the repository, the scripts' environment (``scripts.script_environmen
 
     SD_REST_WORKER_SOCKET=<path of a Unix socket the server listens on>
     SD_REST_WORKER_TOKEN=<random hex the server checks in "ready">
+    SD_REST_WORKER_HEARTBEAT=<seconds between heartbeats> (optional, default 2)
 
 and stdin/stdout/stderr on a pty (the scripts' own output, tqdm bars included, keeps flowing
 there; give it dimensions, or tqdm draws empty bars). It runs on Python 3.8-3.11 and imports
 only the standard library; torch, numpy and the rest are imported by the scripts, and the
-driver uses what they imported. The two variables are removed from ``os.environ`` at start, so
+driver uses what they imported. These variables are removed from ``os.environ`` at start, so
 the scripts see the environment a run by hand sees. Diagnostic switches (tests only):
 ``SD_REST_WORKER_ALIAS=0`` keeps the cached checkpoint as read (a second copy of the weights);
 ``SD_REST_WORKER_GENERATOR=replay|rebuild`` skips the faster ways of keeping the generator in
@@ -52,6 +53,10 @@ worker -> server
         generator: how a reuse keeps the generator in step ("jump", "replay", "rebuild";
         "off" under the diagnostic switch; null while being decided); generator_reasons: why
         it fell back to "rebuild" (e.g. "no TorchDispatchMode": an old or stand-in torch).
+  {"event":"heartbeat", ...the fields of "status"}
+        every SD_REST_WORKER_HEARTBEAT seconds from its own thread, busy or idle, from "ready"
+        on, whatever the script does (rss at most 5 s old): the server kills a worker silent
+        for longer than its limit (hung, or stopped) and shows the last one in `GET /`.
   {"event":"check","ok":bool,"detail":str}                                  reply to "check"
   {"event":"error","error":str}                                             a bad request
   {"event":"fatal","job":ID,"error":str}     the driver itself failed; it exits (status 70) next
@@ -60,7 +65,10 @@ server -> worker
   {"op":"run","job":ID,"script":ABS_PATH,"argv":[flags...],"cwd":DIR,"seed":int|null,
    "marker":str|null}
         Run one job. seed non-null: torch.manual_seed(seed) right before the script (inpaint.py
-        has no seed flag; a run by hand gets it from a sitecustomize at interpreter start).
+        has no seed flag; a run by hand gets it from a sitecustomize at interpreter start). As
+        with the sitecustomize, an interpreter that cannot import torch runs the script anyway
+        (an ImportError is passed over; another error is one line on stderr): the script's own
+        `import torch` then fails the job with the script's error, as a run by hand does.
         marker non-null: written raw to fd 1 (the pty) after the job's last output byte and
         before "finished", so the server can cut the pty stream exactly at the job's end (pty
         data can reach the master side later than a socket message sent after it).
@@ -102,5 +110,6 @@ the safety checker), ``generator`` (recording a build, the plans), ``mtjump`` (t
 VERSION = "1.0"
 SOCKET_ENV = "SD_REST_WORKER_SOCKET"
 TOKEN_ENV = "SD_REST_WORKER_TOKEN"
+HEARTBEAT_ENV = "SD_REST_WORKER_HEARTBEAT"
 ALIAS_ENV = "SD_REST_WORKER_ALIAS"
 GENERATOR_ENV = "SD_REST_WORKER_GENERATOR"

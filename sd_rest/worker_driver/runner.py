@@ -233,9 +233,27 @@ def _ending_of_exception(exc: BaseException, script: str, half_before: set[str])
     return Ending("error", 1, error, recycle="failed during an import" if damaged else None)
 
 
-def _run_script(script: str) -> Ending:
-    """runpy the script as __main__; SIGINT interrupts it only while it runs."""
-    half_before = half_imported()
+def _seed_torch(seed: Any) -> None:
+    """What the server's sitecustomize does at interpreter start for a run by hand: seed torch
+    if it imports. It cannot: the script goes on anyway (Python's site.py prints a failing
+    sitecustomize's error and goes on), and its own `import torch` fails as by hand."""
+    try:
+        import torch
+    except ImportError:
+        return
+    except Exception as exc:
+        print(f"sd-rest: could not import torch to seed it: {type(exc).__name__}: {exc}",
+              file=sys.stderr)  # fmt: skip
+        return
+    torch.manual_seed(int(seed))
+
+
+def _run_script(script: str, seed: Any = None) -> Ending:
+    """runpy the script as __main__ (torch seeded first when `seed` is given); SIGINT
+    interrupts it only while it runs."""
+    half_before = half_imported()  # before the seeding: its import of torch may break too
+    if seed is not None:
+        _seed_torch(seed)
     try:
         STATE.in_script = True
         try:
@@ -305,11 +323,7 @@ def run_job(message: dict[str, Any], send: Send) -> None:
         sys.argv[:] = [script] + [str(a) for a in message.get("argv", [])]
         # `python scripts/x.py` puts the script's folder first on sys.path
         sys.path[:] = [os.path.dirname(os.path.abspath(script)), *STATE.base_path]
-        if message.get("seed") is not None:
-            import torch  # what the server's sitecustomize does at interpreter start
-
-            torch.manual_seed(int(message["seed"]))
-        ending = _run_script(script)
+        ending = _run_script(script, message.get("seed"))
     except KeyboardInterrupt:  # landed in the set-up above, outside the script
         ending = Ending.interrupted()
     finally:

@@ -2,7 +2,10 @@
 
 The main thread runs jobs (and "check", "exit") one at a time from a queue; a reader thread
 reads the socket, answers "status" at once (even mid-job), starts "prepare" in the background,
-and ends the process when the server's end closes.
+and ends the process when the server's end closes; a heartbeat thread sends the status every
+few seconds, whatever the script does, so that the server can tell a worker that is alive from
+one that hangs or was stopped (a thread of its own: a script's long C call may hold the GIL, but
+the interpreter still switches to the heartbeat between calls; a stopped process sends nothing).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 import traceback
 from typing import Any, Callable, NoReturn
 
-from . import SOCKET_ENV, TOKEN_ENV, VERSION, hooks
+from . import HEARTBEAT_ENV, SOCKET_ENV, TOKEN_ENV, VERSION, hooks
 from .caches import CACHES, check_resident, resident_summary
 from .channel import Channel
 from .generator import state_bytes
@@ -27,14 +30,41 @@ from .runner import STATE, on_sigint, run_job
 
 EXIT_USAGE = 2  # no socket to connect to
 EXIT_DRIVER_FAILED = 70  # EX_SOFTWARE: the driver itself failed ("fatal")
+DEFAULT_HEARTBEAT = 2.0  # seconds between heartbeats when the server does not say
+RSS_EVERY = 5.0  # seconds a heartbeat's RSS may be old (on macOS it costs a `ps`)
 
 
-def status() -> dict[str, Any]:
+def status(event: str = "status", rss: int | None = None) -> dict[str, Any]:
+    rss = resident_set_size() if rss is None else rss
     return {
-        "event": "status", "pid": os.getpid(), "rss": resident_set_size(), "busy": STATE.busy,
+        "event": event, "pid": os.getpid(), "rss": rss, "busy": STATE.busy,
         "job": STATE.job, "jobs": STATE.jobs, "models": resident_summary(),
         "uptime": round(time.time() - STATE.started, 1),
     }  # fmt: skip
+
+
+def _heartbeat_interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        return DEFAULT_HEARTBEAT
+    return seconds if 0.01 <= seconds <= 3600 else DEFAULT_HEARTBEAT
+
+
+def _beat(channel: Channel, interval: float) -> None:
+    """The heartbeat thread: the status, every `interval` seconds, until the channel breaks
+    (the reader thread then ends the process)."""
+    rss, measured = None, float("-inf")
+    while True:
+        try:
+            if rss is None or time.monotonic() - measured >= RSS_EVERY:
+                rss, measured = resident_set_size(), time.monotonic()
+            channel.send(status("heartbeat", rss))
+        except OSError:
+            return
+        except Exception:
+            pass  # a status that cannot be read this time: the next beat tries again
+        time.sleep(interval)
 
 
 def check() -> dict[str, Any]:
@@ -120,6 +150,7 @@ def _serve(channel: Channel, work: queue.Queue[dict[str, Any]]) -> None:
 def _run(channel: Channel, message: dict[str, Any]) -> None:
     try:
         run_job(message, channel.send)
+        channel.send(status("heartbeat"))  # what the job left resident, without waiting a beat
     except KeyboardInterrupt:  # landed in the driver between runs: nothing to undo
         pass
     except Exception as exc:
@@ -136,6 +167,7 @@ def main() -> int:
     # Taken out of the environment first: the scripts must see what a run by hand sees.
     path = os.environ.pop(SOCKET_ENV, "")
     token = os.environ.pop(TOKEN_ENV, "")
+    interval = _heartbeat_interval(os.environ.pop(HEARTBEAT_ENV, ""))
     if not path:
         print(f"worker_driver: {SOCKET_ENV} is not set", file=sys.stderr)
         return EXIT_USAGE
@@ -156,5 +188,8 @@ def main() -> int:
         "event": "ready", "pid": os.getpid(), "python": ".".join(map(str, sys.version_info[:3])),
         "driver": VERSION, "token": token,
     })  # fmt: skip
+    threading.Thread(
+        target=_beat, args=(channel, interval), name="sd-rest-heartbeat", daemon=True
+    ).start()
     _serve(channel, work)
     return 0
