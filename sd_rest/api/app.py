@@ -21,13 +21,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from .bodies import MAX_BODY_BYTES, first_line
-from .cursorkey import load_cursor_key
-from .docs import OPEN_ROUTES as DOC_ROUTES
-from .errors import ApiError
-from .manager import JobManager
-from .page import FILE_ROUTE, PAGE_ROUTE, wants_page
-from .routes import (
+from sd_rest.api.bodies import MAX_BODY_BYTES, first_line
+from sd_rest.api.common import (
     COMMON_HEADERS,
     CURSOR_KEY,
     INDEX_ROUTE,
@@ -35,12 +30,17 @@ from .routes import (
     OUTPUT_ROOT,
     STREAM_ROUTES,
     TOKEN_KEY,
-    add_routes,
     error_response,
 )
-from .settings import Limits
-from .streams import HUB, STREAM_PING, EventHub
-from .tokens import token_key, token_valid
+from sd_rest.api.docs import OPEN_ROUTES as DOC_ROUTES
+from sd_rest.api.page import FILE_ROUTE, PAGE_ROUTE, wants_page
+from sd_rest.api.routes import add_routes
+from sd_rest.api.streams import HUB, STREAM_PING, EventHub
+from sd_rest.api.tokens import token_key, token_valid
+from sd_rest.errors import ApiError
+from sd_rest.jobs.manager import JobManager
+from sd_rest.settings import Limits
+from sd_rest.state.cursorkey import load_cursor_key
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from urllib.parse import unquote_to_bytes
 
 from aiohttp import BodyPartReader, web
 
-from .errors import ApiError, invalid
-from .uploads import MAX_UPLOAD_BYTES
+from sd_rest.errors import ApiError, invalid
+from sd_rest.images.uploads import MAX_UPLOAD_BYTES
 
 Fields = list[tuple[str, object]]  # text fields in arrival order
 Files = list[tuple[str, bytes]]  # uploaded files in arrival order

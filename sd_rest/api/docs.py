@@ -14,17 +14,12 @@ from typing import Final
 
 from aiohttp import web
 
-from . import __version__
-from .openapi import build_document
+from sd_rest import __version__
+from sd_rest.api.common import DOC_ASSETS
+from sd_rest.api.openapi import build_document
 
 # A folder of its own: the web page at / serves every file directly in static/ (page.py).
-STATIC: Final = Path(__file__).parent / "static" / "docs"
-# path -> (content type, what it is); the files are STATIC/<name>, `/docs` is index.html.
-DOC_ASSETS: Final = {
-    "/docs": ("text/html", "Interactive documentation of the API"),
-    "/docs/docs.js": ("text/javascript", "The documentation page's script"),
-    "/docs/docs.css": ("text/css", "The documentation page's style sheet"),
-}
+STATIC: Final = Path(__file__).parent.parent / "static" / "docs"
 DOC_HEADERS: Final = {
     "Cache-Control": "no-cache",
     "X-Content-Type-Options": "nosniff",

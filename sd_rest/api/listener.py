@@ -28,9 +28,10 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
+from sd_rest.settings import DEFAULT_MAX_CONNECTIONS
+
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_CONNECTIONS: Final = 512
 HANDSHAKE_TIMEOUT: Final = 60.0
 RECLAIM_EVERY: Final = 2.0  # seconds between checks for connections that came and went
 BACKLOG: Final = 1024

@@ -17,9 +17,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
-from .bodies import MAX_BODY_BYTES, MAX_PARTS, MAX_TEXT_BYTES
-from .endpoints import ENDPOINTS, Endpoint
-from .fields import (
+from sd_rest.api.bodies import MAX_BODY_BYTES, MAX_PARTS, MAX_TEXT_BYTES
+from sd_rest.api.common import DOC_ASSETS, ID_PATTERN, IMAGE_CACHE_CONTROL, IMAGE_PATTERN
+from sd_rest.api.page import CONTENT_TYPES, PREFIX, static_files
+from sd_rest.api.streams import REPLAY_EVENTS, RETRY_MS, STREAM_PARAMETERS
+from sd_rest.api.tokens import TOKEN_SECONDS
+from sd_rest.api.validation import ddim_step_crashes
+from sd_rest.endpoints import ENDPOINTS, Endpoint
+from sd_rest.fields import (
     FIELDS,
     MAX_IMAGES,
     MAX_PIXELS,
@@ -30,12 +35,8 @@ from .fields import (
     NumberField,
     TextField,
 )
-from .listing import DEFAULT_LIMIT, MAX_LIMIT, STATUS_NAMES
-from .routes import ID_PATTERN, IMAGE_CACHE_CONTROL, IMAGE_PATTERN
-from .streams import REPLAY_EVENTS, RETRY_MS, STREAM_PARAMETERS
-from .tokens import TOKEN_SECONDS
-from .uploads import MAX_UPLOAD_BYTES
-from .validation import ddim_step_crashes
+from sd_rest.images.uploads import MAX_UPLOAD_BYTES
+from sd_rest.jobs.listing import DEFAULT_LIMIT, MAX_LIMIT, STATUS_NAMES
 
 OPENAPI_VERSION: Final = "3.1.0"
 
@@ -946,8 +947,6 @@ def _listing_and_streams(b: _Builder) -> None:
 def _page_paths(b: _Builder) -> None:
     """The web page's files (page.py): served before routing and before the API key check,
     for GET and HEAD only (anything else there is a 404, as for any path that is no route)."""
-    from .page import CONTENT_TYPES, PREFIX, static_files
-
     names = sorted(static_files())
     types = sorted({CONTENT_TYPES[Path(name).suffix].split(";")[0] for name in names})
     page_errors = {k: v for k, v in b.errors(404).items() if k != "401"}
@@ -1001,8 +1000,6 @@ def _page_paths(b: _Builder) -> None:
 
 
 def _documentation_paths(b: _Builder) -> None:
-    from .docs import DOC_ASSETS
-
     b.add(
         "/openapi.json",
         "get",

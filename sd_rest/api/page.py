@@ -27,14 +27,14 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from .endpoints import ENDPOINTS
-from .errors import ApiError
-from .fields import FIELDS, FileField, NumberField, TextField
-from .routes import MANAGER
+from sd_rest.api.common import MANAGER
+from sd_rest.endpoints import ENDPOINTS
+from sd_rest.errors import ApiError
+from sd_rest.fields import FIELDS, FileField, NumberField, TextField
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-STATIC: Final = Path(__file__).parent / "static"
+STATIC: Final = Path(__file__).parent.parent / "static"
 PREFIX: Final = "/ui/"
 PAGE_ROUTE: Final = "page"
 FILE_ROUTE: Final = "page-file"

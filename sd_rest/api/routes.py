@@ -8,55 +8,42 @@ import json
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Final
 
 from aiohttp import HttpVersion11, web
 
-from . import __version__
-from .bodies import clip, read_body
-from .endpoints import ENDPOINTS
-from .errors import ApiError
-from .jobs import Job
-from .listing import iso_time, list_jobs, parse_query
-from .manager import JobManager
-from .streams import HUB, stream
-from .tokens import make_token
-from .validation import validate_params
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-ID_PATTERN: Final = "{id:[0-9a-f]{32}}"
-IMAGE_PATTERN: Final = "{n:[1-9][0-9]{0,5}}.png"
-IMAGE_CACHE_CONTROL: Final = "public, max-age=31536000, immutable"  # a finished image never changes
-
-CORS_HEADERS: Final = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-    "Access-Control-Allow-Headers": "Authorization, Content-Type, Last-Event-ID",
-    "Access-Control-Expose-Headers": "Location, ETag",
-}
-# On every response, with CORS: a browser never guesses another type than the one declared
-# (a JSON error or a PNG is never run as a script or a page).
-COMMON_HEADERS: Final = {**CORS_HEADERS, "X-Content-Type-Options": "nosniff"}
-
-MANAGER = web.AppKey("manager", JobManager)
-OUTPUT_ROOT = web.AppKey("output_root", Path)  # the output folder with every link resolved
-TOKEN_KEY = web.AppKey("token_key", bytes)  # signs event-stream tokens (tokens.py)
-CURSOR_KEY = web.AppKey("cursor_key", bytes)  # signs GET /jobs cursors (cursorkey.py)
-# The routes a stream token opens (api_key_middleware): the event streams, and nothing else.
-INDEX_ROUTE: Final = "index"
-STREAM_ROUTES: Final = frozenset({"events", *(f"events-{endpoint}" for endpoint in ENDPOINTS)})
-
-
-def error_response(error: ApiError, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=json.dumps(error.body()).encode(),
-        status=error.status,
-        content_type="application/json",
-        headers=headers,
-    )
+from sd_rest import __version__
+from sd_rest.api.bodies import clip, read_body
+from sd_rest.api.common import (
+    CURSOR_KEY,
+    ID_PATTERN,
+    IMAGE_CACHE_CONTROL,
+    IMAGE_PATTERN,
+    INDEX_ROUTE,
+    MANAGER,
+    OUTPUT_ROOT,
+    STREAM_ROUTES,
+    TOKEN_KEY,
+    Handler,
+    error_response,
+)
+from sd_rest.api.docs import (
+    DOC_ASSETS,
+    OPENAPI_BODY,
+    asset_handler,
+    openapi,
+    openapi_body,
+    route_name,
+)
+from sd_rest.api.page import add_page_routes, or_page
+from sd_rest.api.streams import HUB, stream
+from sd_rest.api.tokens import make_token
+from sd_rest.api.validation import validate_params
+from sd_rest.endpoints import ENDPOINTS
+from sd_rest.errors import ApiError
+from sd_rest.jobs.listing import list_jobs, parse_query
+from sd_rest.state.items import iso_time
+from sd_rest.state.jobs import Job
 
 
 def add_routes(app: web.Application) -> None:
@@ -64,9 +51,6 @@ def add_routes(app: web.Application) -> None:
 
     Methods are added per resource so that a wrong method is a 405 and an unknown path a 404.
     """
-    from .docs import DOC_ASSETS, OPENAPI_BODY, asset_handler, openapi, openapi_body, route_name
-    from .page import add_page_routes, or_page
-
     _resource(app, "/", {"GET": or_page(index)}, name=INDEX_ROUTE)
     add_page_routes(app)
     app[OPENAPI_BODY] = openapi_body(api_key=bool(app[MANAGER].settings.api_key))

@@ -14,9 +14,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
-from .jobs import Job
-from .layout import Key
-from .listing import dumps, iso_time
+from sd_rest.state.items import dumps, iso_time
+from sd_rest.state.jobs import Job
+from sd_rest.state.layout import Key
 
 _SNAPSHOT_OPEN: bytes = b'{"jobs":['
 _SNAPSHOT_CLOSE: bytes = b"]}"

@@ -30,14 +30,14 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from .errors import ApiError
-from .events import JobEvent
-from .jobs import Job, Status
-from .layout import Key
-from .listing import dumps, job_item
-from .manager import JobManager
-from .stream_items import ItemParts, every_job_snapshot, item_parts, job_snapshot
-from .subscriber import STREAM_WRITE_BUFFER, Subscriber
+from sd_rest.api.stream_items import ItemParts, every_job_snapshot, item_parts, job_snapshot
+from sd_rest.api.subscriber import STREAM_WRITE_BUFFER, Subscriber
+from sd_rest.errors import ApiError
+from sd_rest.jobs.manager import JobManager
+from sd_rest.state.events import JobEvent
+from sd_rest.state.items import dumps, job_item
+from sd_rest.state.jobs import Job, Status
+from sd_rest.state.layout import Key
 
 log = logging.getLogger(__name__)
 

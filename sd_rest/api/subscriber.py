@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Final
 
-from .layout import Key
+from sd_rest.state.layout import Key
 
 log = logging.getLogger(__name__)
 

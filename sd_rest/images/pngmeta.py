@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Sequence
 from typing import Final
 
-from .pngfile import is_complete_png
+from sd_rest.images.pngfile import is_complete_png
 
 _IEND_CHUNK_BYTES: Final = 12  # length, type, no data, CRC
 _MAX_KEYWORD: Final = 79  # the PNG spec's limit, in bytes

@@ -20,16 +20,21 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-from .endpoints import ENDPOINTS
-from .errors import ApiError, invalid
-from .jobs import Job, Status
-from .layout import ID_RE
-
-if TYPE_CHECKING:
-    from .manager import JobManager
+from sd_rest.endpoints import ENDPOINTS
+from sd_rest.errors import ApiError, invalid
+from sd_rest.jobs.manager import JobManager
+from sd_rest.state.items import (
+    IndexClosed,
+    IndexUnavailable,
+    Place,
+    Row,
+    dumps,
+    job_item,
+)
+from sd_rest.state.jobs import Status
+from sd_rest.state.layout import ID_RE
 
 DEFAULT_LIMIT: Final = 50
 MAX_LIMIT: Final = 500
@@ -47,10 +52,6 @@ STATUS_NAMES: Final = {
 }
 UNFINISHED: Final = frozenset({Status.QUEUED, Status.IN_PROGRESS})
 
-# (createdAt, endpoint, id): a job's place in the listing, the last one shown in a cursor.
-Place = tuple[float, str, str]
-
-
 @dataclass(frozen=True)
 class ListQuery:
     statuses: frozenset[Status]  # public statuses wanted; all when no filter
@@ -65,32 +66,6 @@ class ListQuery:
         if Status.QUEUED in wanted:
             wanted.add(Status.IN_PROGRESS)
         return frozenset(wanted)
-
-
-def iso_time(seconds: float | None) -> str | None:
-    """UTC, ISO 8601 with milliseconds and a `Z`: what JavaScript's `new Date()` reads."""
-    if seconds is None:
-        return None
-    moment = datetime.fromtimestamp(seconds, timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def job_item(job: Job, position: int | None = None) -> dict[str, Any]:
-    """A job as the listing (and the event stream's snapshots and final events) show it: its
-    status document, plus what identifies and describes it."""
-    return {
-        "id": job.id,
-        "endpoint": job.endpoint,
-        **job.status_document(position),
-        "createdAt": iso_time(job.created_at),
-        "startedAt": iso_time(job.started_at),
-        "finishedAt": iso_time(job.finished_at),
-        "params": job.params,
-    }
-
-
-def dumps(doc: Any) -> str:
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
 
 
 # --- the query -----------------------------------------------------------------------------
@@ -196,33 +171,6 @@ def decode_cursor(text: str, key: bytes) -> Place:
 
 
 # --- the page ------------------------------------------------------------------------------
-
-
-class IndexClosed(Exception):
-    """The index was closed: the server is stopping."""
-
-
-class IndexUnavailable(Exception):
-    """The index could not be read nor made again (logged): worth asking again later."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-@dataclass(frozen=True)
-class Row:
-    """One job as the index holds it: the item JSON as of its last change."""
-
-    created: float
-    endpoint: str
-    id: str
-    status: Status
-    item: str
-
-    @property
-    def place(self) -> Place:
-        return (self.created, self.endpoint, self.id)
 
 
 def page_body(items: Sequence[str], next_place: Place | None, key: bytes) -> bytes:

@@ -16,20 +16,22 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import lifecycle, pty_process
-from .disk import format_size, free_bytes, is_disk_full, job_bytes
-from .endpoints import ENDPOINTS
-from .errors import ApiError
-from .events import JobEvents
-from .fields import Params
-from .jobs import ImageRecord, Job, Status, job_id
-from .layout import Key, Layout
-from .provenance import provenance_for
-from .queue import JobQueue, Place
-from .recovery import Recovery
-from .runners import Outcome, OutcomeKind, Runner, RunnerFactory, Runners
-from .settings import Settings
-from .store import JobStore
+from sd_rest.endpoints import ENDPOINTS
+from sd_rest.errors import ApiError
+from sd_rest.fields import Params
+from sd_rest.jobs.queue import JobQueue, Place
+from sd_rest.jobs.recovery import Recovery
+from sd_rest.runs import pty_process
+from sd_rest.runs.provenance import provenance_for
+from sd_rest.runs.runners import Runners
+from sd_rest.runs.seam import Outcome, OutcomeKind, Runner, RunnerFactory
+from sd_rest.settings import Settings
+from sd_rest.state import lifecycle
+from sd_rest.state.disk import format_size, free_bytes, is_disk_full, job_bytes
+from sd_rest.state.events import JobEvents
+from sd_rest.state.jobs import ImageRecord, Job, Status, job_id
+from sd_rest.state.layout import Key, Layout
+from sd_rest.state.store import JobStore
 
 log = logging.getLogger(__name__)
 

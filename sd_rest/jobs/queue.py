@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-from .jobs import Job
+from sd_rest.state.jobs import Job
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import lifecycle
-from .endpoints import ENDPOINTS
-from .files import is_plain_file, is_temp_file
-from .jobs import Job, Status
-from .layout import ID_RE, RUN, SIDECAR, parse_marker
-from .processes import end_orphan
-from .store import JobStore
+from sd_rest.endpoints import ENDPOINTS
+from sd_rest.runs.processes import end_orphan
+from sd_rest.state import lifecycle
+from sd_rest.state.files import is_plain_file, is_temp_file
+from sd_rest.state.jobs import Job, Status
+from sd_rest.state.layout import ID_RE, RUN, SIDECAR, parse_marker
+from sd_rest.state.store import JobStore
 
 log = logging.getLogger(__name__)
 

@@ -14,19 +14,19 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
-from .disk import is_disk_full
-from .endpoints import ENDPOINTS
-from .exits import ScriptExit, failure_message
-from .jobs import Job
-from .labels import ImageLabeler, describe_run
-from .progress import ProgressParser, last_error
-from .provenance import provenance_for
-from .publisher import ImagePublisher
-from .runners import Outcome, OutcomeKind, RunSink
-from .scripts import plan_run
-from .settings import Settings
-from .store import JobStore
-from .workspace import InputsMissing, Workspace
+from sd_rest.endpoints import ENDPOINTS
+from sd_rest.runs.exits import ScriptExit, failure_message
+from sd_rest.runs.labels import ImageLabeler, describe_run
+from sd_rest.runs.progress import ProgressParser, last_error
+from sd_rest.runs.provenance import provenance_for
+from sd_rest.runs.publisher import ImagePublisher
+from sd_rest.runs.seam import Outcome, OutcomeKind, RunSink
+from sd_rest.runs.workspace import InputsMissing, Workspace
+from sd_rest.scripts import plan_run
+from sd_rest.settings import Settings
+from sd_rest.state.disk import is_disk_full
+from sd_rest.state.jobs import Job
+from sd_rest.state.store import JobStore
 
 log = logging.getLogger(__name__)
 

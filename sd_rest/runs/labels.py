@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from . import __version__
-from .endpoints import ENDPOINTS
-from .fields import Params
-from .jobs import Job
-from .pngfile import png_size
-from .pngmeta import Setting, add_text_chunks, infotext
-from .provenance import Provenance
-from .scripts import RunFolders, RunPlan
+from sd_rest import __version__
+from sd_rest.endpoints import ENDPOINTS
+from sd_rest.fields import Params
+from sd_rest.images.pngfile import png_size
+from sd_rest.images.pngmeta import Setting, add_text_chunks, infotext
+from sd_rest.runs.provenance import Provenance
+from sd_rest.scripts import RunFolders, RunPlan
+from sd_rest.state.jobs import Job
 
 PARAMETERS_KEYWORD: Final = "parameters"  # AUTOMATIC1111's
 SD_REST_KEYWORD: Final = "sd-rest"

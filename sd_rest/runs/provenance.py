@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-from .files import write_atomic
+from sd_rest.state.files import write_atomic
 
 log = logging.getLogger(__name__)
 

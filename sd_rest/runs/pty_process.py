@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pexpect
 
-from .exits import ScriptExit
-from .processes import reset_signals, signal_group
-from .scripts import PTY_COLUMNS, PTY_ROWS
+from sd_rest.runs.exits import ScriptExit
+from sd_rest.runs.processes import reset_signals, signal_group
+from sd_rest.scripts import PTY_COLUMNS, PTY_ROWS
 
 READ_SIZE = 65536
 

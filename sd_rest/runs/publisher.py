@@ -19,13 +19,13 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from .endpoints import Endpoint
-from .files import write_atomic
-from .jobs import ImageRecord
-from .pngfile import is_complete_png
-from .runners import RunSink
-from .scripts import RunFolders, RunPlan
-from .watcher import watch_folder
+from sd_rest.endpoints import Endpoint
+from sd_rest.images.pngfile import is_complete_png
+from sd_rest.runs.seam import RunSink
+from sd_rest.runs.watcher import watch_folder
+from sd_rest.scripts import RunFolders, RunPlan
+from sd_rest.state.files import write_atomic
+from sd_rest.state.jobs import ImageRecord
 
 log = logging.getLogger(__name__)
 

@@ -7,19 +7,19 @@ import asyncio
 import logging
 import signal
 
-from .endpoints import ENDPOINTS
-from .exits import ScriptExit
-from .job_run import JobRun
-from .jobs import Job
-from .progress import ProgressParser
-from .publisher import ImagePublisher
-from .runners import Outcome, OutcomeKind, RunSink
-from .scripts import plan_run
-from .settings import Settings
-from .store import JobStore
-from .worker_pool import WorkerPool
-from .workers import Finished, Worker, WorkerError
-from .workspace import Workspace
+from sd_rest.endpoints import ENDPOINTS
+from sd_rest.runs.exits import ScriptExit
+from sd_rest.runs.job_run import JobRun
+from sd_rest.runs.progress import ProgressParser
+from sd_rest.runs.publisher import ImagePublisher
+from sd_rest.runs.seam import Outcome, OutcomeKind, RunSink
+from sd_rest.runs.worker_pool import WorkerPool
+from sd_rest.runs.workers import Finished, Worker, WorkerError
+from sd_rest.runs.workspace import Workspace
+from sd_rest.scripts import plan_run
+from sd_rest.settings import Settings
+from sd_rest.state.jobs import Job
+from sd_rest.state.store import JobStore
 
 log = logging.getLogger(__name__)
 

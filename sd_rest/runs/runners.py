@@ -1,66 +1,18 @@
-"""The runner seam: how the manager runs a job, whatever runs it.
-
-A runner runs one job once: it reports through a `RunSink` (the job started, progress, an
-image is published) and returns an `Outcome`. The manager turns those into state transitions;
-a runner never changes a job's state itself. `Runners` picks the implementation the
-settings ask for: a resident worker, or one process per job.
-"""
+"""Which runner runs a job: `Runners` makes each job's runner the way the settings ask
+(`--runner`), a resident worker or one process per job, behind the seam of `seam.py`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
-from typing import Any, Final, Protocol
+from typing import Any
 
-from .jobs import ImageRecord, Job
-from .settings import Settings
-from .store import JobStore
-
-RESIDENT: Final = "resident"
-PROCESS: Final = "process"
-
-
-class RunSink(Protocol):
-    """What a runner tells about the job it runs. `started` and `published` are durable
-    (they raise OSError when the disk refuses them: the runner then stops its run)."""
-
-    async def started(self, pid: int | None) -> None: ...
-
-    def progress(self, index: int, fraction: float) -> None: ...
-
-    async def published(self, record: ImageRecord) -> None: ...
-
-
-class OutcomeKind(Enum):
-    COMPLETE = "complete"  # every image is published
-    FAILED = "failed"
-    CANCELED = "canceled"  # a client asked (DELETE)
-    STOPPED = "stopped"  # the server is stopping: the job stays resumable
-
-
-@dataclass(frozen=True)
-class Outcome:
-    kind: OutcomeKind
-    error: str | None = None  # for FAILED
-
-    @classmethod
-    def failed(cls, error: str) -> Outcome:
-        return cls(OutcomeKind.FAILED, error)
-
-
-class Runner(Protocol):
-    async def run(self) -> Outcome:
-        """Run the job once; returns when nothing of the run is left running."""
-        ...
-
-    def cancel(self) -> None:
-        """A client canceled: end the run now; the outcome is CANCELED (unless it finished)."""
-        ...
-
-    def stop(self, grace: float) -> None:
-        """The server is stopping: interrupt, kill after `grace` seconds; STOPPED."""
-        ...
+from sd_rest.runs import pty_process
+from sd_rest.runs.resident_runner import ResidentRunner
+from sd_rest.runs.script_runner import ScriptRunner
+from sd_rest.runs.seam import RESIDENT, Runner, RunSink
+from sd_rest.runs.worker_pool import WorkerPool
+from sd_rest.settings import Settings
+from sd_rest.state.jobs import Job
+from sd_rest.state.store import JobStore
 
 
 class Runners:
@@ -68,8 +20,6 @@ class Runners:
     (resident_runner.py), or one process per job (script_runner.py)."""
 
     def __init__(self, settings: Settings, store: JobStore) -> None:
-        from .worker_pool import WorkerPool
-
         self.settings = settings
         self.store = store
         self.kind = settings.runner
@@ -77,11 +27,7 @@ class Runners:
 
     def __call__(self, job: Job, sink: RunSink) -> Runner:
         if self.pool is not None:
-            from .resident_runner import ResidentRunner
-
             return ResidentRunner(self.settings, self.store, job, sink, self.pool)
-        from .script_runner import ScriptRunner
-
         return ScriptRunner(self.settings, self.store, job, sink)
 
     def start(self) -> None:
@@ -96,11 +42,7 @@ class Runners:
 
     async def close(self) -> None:
         """At shutdown, once no job runs any more."""
-        from . import pty_process
-
         if self.pool is not None:
             await self.pool.close()
         await pty_process.closed()
 
-
-RunnerFactory = Callable[[Job, RunSink], Runner]

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import signal
 
-from .exits import ScriptExit
-from .job_run import JobRun
-from .pty_process import PtyProcess, SpawnError
-from .publisher import ImagePublisher
-from .workspace import Workspace
+from sd_rest.runs.exits import ScriptExit
+from sd_rest.runs.job_run import JobRun
+from sd_rest.runs.pty_process import PtyProcess, SpawnError
+from sd_rest.runs.publisher import ImagePublisher
+from sd_rest.runs.workspace import Workspace
 
 
 class ScriptRunner(JobRun):

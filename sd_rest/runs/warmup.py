@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Final
 
-from .endpoints import ENDPOINTS, TEXT_TO_IMAGE
-from .scripts import plan_run
-from .settings import Model, Settings
-from .workers import Finished, Worker
+from sd_rest.endpoints import ENDPOINTS, TEXT_TO_IMAGE
+from sd_rest.runs.workers import Finished, Worker
+from sd_rest.scripts import plan_run
+from sd_rest.settings import Model, Settings
 
 log = logging.getLogger(__name__)
 

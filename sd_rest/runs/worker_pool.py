@@ -21,9 +21,9 @@ import logging
 import time
 from typing import Any, Final
 
-from .settings import Settings
-from .warmup import warm_up
-from .workers import Worker, WorkerError
+from sd_rest.runs.warmup import warm_up
+from sd_rest.runs.workers import Worker, WorkerError
+from sd_rest.settings import Settings
 
 log = logging.getLogger(__name__)
 

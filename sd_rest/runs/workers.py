@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .exits import ScriptExit
-from .pty_process import PtyProcess, SpawnError
-from .scripts import script_environment
-from .settings import Settings
-from .worker_channel import Channel, NotReady, Rendezvous
+from sd_rest.runs.exits import ScriptExit
+from sd_rest.runs.pty_process import PtyProcess, SpawnError
+from sd_rest.runs.worker_channel import Channel, NotReady, Rendezvous
+from sd_rest.scripts import script_environment
+from sd_rest.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DRIVER: Final = Path(__file__).with_name("worker_driver")  # a folder Python runs by path
+DRIVER: Final = Path(__file__).parent.parent / "worker_driver"  # a folder Python runs by path
 MARKER_WAIT: Final = 2.0  # pty output can trail the socket's `finished` by a moment
 EXIT_WAIT: Final = 2.0  # an `exit` asked of an idle worker, before SIGTERM
 MAX_HEARTBEAT: Final = 2.0  # seconds between a worker's heartbeats, at most

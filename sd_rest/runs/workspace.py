@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .endpoints import ENDPOINTS
-from .files import is_link_error
-from .jobs import Job
-from .scripts import RunFolders, RunPlan, script_environment, sitecustomize_source
-from .settings import Settings
-from .store import JobStore
+from sd_rest.endpoints import ENDPOINTS
+from sd_rest.scripts import RunFolders, RunPlan, script_environment, sitecustomize_source
+from sd_rest.settings import Settings
+from sd_rest.state.files import is_link_error
+from sd_rest.state.jobs import Job
+from sd_rest.state.store import JobStore
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from . import access, fork_imports
-from .certinfo import CertificateError, pem_certificates, private_key_kind, validity
-from .checkpoints import (
+from sd_rest.endpoints import ENDPOINTS, INPAINT_CONFIG, INPAINT_IMAGE, TEXT_TO_IMAGE
+from sd_rest.scripts import script_environment
+from sd_rest.settings import DEFAULT_MIN_FREE
+from sd_rest.setup import access, fork_imports
+from sd_rest.setup.certinfo import CertificateError, pem_certificates, private_key_kind, validity
+from sd_rest.setup.checkpoints import (
     FULL_CHECKPOINT_BYTES,
     MIN_CHECKPOINT_BYTES,
     checkpoint_format,
@@ -32,17 +35,15 @@ from .checkpoints import (
     has_zip_end_record,
     sha256_of,
 )
-from .disk import DEFAULT_MIN_FREE, free_bytes
-from .endpoints import ENDPOINTS, INPAINT_CONFIG, INPAINT_IMAGE, TEXT_TO_IMAGE
-from .layout import Layout
-from .scripts import script_environment
+from sd_rest.state.disk import free_bytes
+from sd_rest.state.layout import Layout
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 GiB = 1024**3
 DEFAULT_MIN_FREE_SPACE = DEFAULT_MIN_FREE  # the server's own default (--min-free-space)
 CONFIGS = ("configs/stable-diffusion/v1-inference.yaml", str(INPAINT_CONFIG))
 CERTIFICATE_WARNING_DAYS = 14
-CONSTRAINTS = Path(__file__).resolve().parent.parent / "scripts" / "fork-constraints.txt"
+CONSTRAINTS = Path(__file__).resolve().parents[2] / "scripts" / "fork-constraints.txt"
 MAKE_CERTIFICATE = (
     "run scripts/setup.sh cert (mkcert when installed, else openssl), or: mkcert -install && "
     "mkcert -cert-file cert.pem -key-file key.pem 0.0.0.0 localhost 127.0.0.1"

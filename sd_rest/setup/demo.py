@@ -7,9 +7,9 @@ import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from .certinfo import CertificateError, pem_certificates, validity
+from sd_rest.setup.certinfo import CertificateError, pem_certificates, validity
 
-SIMULATOR = Path(__file__).parent / "simulator"
+SIMULATOR = Path(__file__).parent.parent / "simulator"
 CERT_NAME, KEY_NAME = "demo-cert.pem", "demo-key.pem"
 
 

@@ -13,9 +13,9 @@ import stat
 from pathlib import Path
 from typing import Final
 
-from .files import fsync_dir, make_dirs
-from .layout import Layout
-from .quarantine import set_aside
+from sd_rest.state.files import fsync_dir, make_dirs
+from sd_rest.state.layout import Layout
+from sd_rest.state.quarantine import set_aside
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 from typing import Final
 
-DEFAULT_MIN_FREE: Final = 1024**3  # bytes kept free on the output disk beyond a job's needs
 _FULL: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 _SIZE = re.compile(r"(?i)\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*")
 _UNITS: Final = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .jobs import Job
+from sd_rest.state.jobs import Job
 
 Key = tuple[str, str]
 

@@ -37,8 +37,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
-from .endpoints import ENDPOINTS
-from .indexfile import (
+from sd_rest.endpoints import ENDPOINTS
+from sd_rest.state.indexfile import (
     Damaged,
     crc,
     delete_index,
@@ -47,9 +47,9 @@ from .indexfile import (
     open_index,
     read_page,
 )
-from .jobs import Job, Status
-from .layout import ID_RE, SIDECAR, Key, Layout
-from .listing import IndexClosed, IndexUnavailable, Place, Row, dumps, job_item
+from sd_rest.state.items import IndexClosed, IndexUnavailable, Place, Row, dumps, job_item
+from sd_rest.state.jobs import Job, Status
+from sd_rest.state.layout import ID_RE, SIDECAR, Key, Layout
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ import zlib
 from pathlib import Path
 from typing import Any, Final
 
-from .endpoints import ENDPOINTS
-from .jobs import Status
-from .layout import Layout
-from .listing import Place, Row
-from .quarantine import set_aside
+from sd_rest.endpoints import ENDPOINTS
+from sd_rest.state.items import Place, Row
+from sd_rest.state.jobs import Status
+from sd_rest.state.layout import Layout
+from sd_rest.state.quarantine import set_aside
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .endpoints import ENDPOINTS
-from .fields import Params
+from sd_rest.endpoints import ENDPOINTS
+from sd_rest.fields import Params
 
 SIDECAR_VERSION = 1
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from .endpoints import ENDPOINTS
+from sd_rest.endpoints import ENDPOINTS
 
 SIDECAR: Final = "job.json"
 LOG: Final = "job.log"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .jobs import ImageRecord, Job, Status
+from sd_rest.state.jobs import ImageRecord, Job, Status
 
 _RUNNABLE = frozenset({Status.QUEUED, Status.IN_PROGRESS})
 

@@ -9,8 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-from .files import fsync_dir, make_dirs
-from .layout import SIDECAR, Layout
+from sd_rest.state.files import fsync_dir, make_dirs
+from sd_rest.state.layout import SIDECAR, Layout
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from . import lifecycle
-from .events import JobEvents
-from .files import (
+from sd_rest.state import lifecycle
+from sd_rest.state.events import JobEvents
+from sd_rest.state.files import (
     fsync_dir,
     is_link_error,
     is_plain_dir,
@@ -33,10 +33,10 @@ from .files import (
     read_plain,
     write_atomic,
 )
-from .index import JobIndex
-from .jobs import Job
-from .layout import IMAGE_RE, INPUTS, RUN, Key, Layout
-from .quarantine import Quarantine
+from sd_rest.state.index import JobIndex
+from sd_rest.state.jobs import Job
+from sd_rest.state.layout import IMAGE_RE, INPUTS, RUN, Key, Layout
+from sd_rest.state.quarantine import Quarantine
 
 log = logging.getLogger(__name__)
 
