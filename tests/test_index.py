@@ -15,8 +15,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from sd_rest.state import index as index_module
 from sd_rest.state import indexfile
+from sd_rest.state import indexwriter as index_module
 from sd_rest.state.events import JobEvents
 from sd_rest.state.index import JobIndex
 from sd_rest.state.jobs import Job, Status
