@@ -10,7 +10,8 @@ tried again until a job has succeeded (a script that fails at every start must n
 
 A worker sends a heartbeat every few seconds from a thread of its own; one silent for longer
 than `--worker-timeout` (hung, or stopped) is killed: its job is resumed in a fresh worker as
-after a crash. A worker that dies unasked is listed as gone in `GET /` for a while.
+after a crash. A worker that dies unasked is listed as gone in `GET /` for a while (what `GET /`
+shows of the workers is in worker_listing.py).
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ import time
 from typing import Any, Final
 
 from sd_rest.runs.warmup import warm_up
+from sd_rest.runs.worker_listing import GoneWorkers, how_it_ended, listing
 from sd_rest.runs.workers import Worker, WorkerError
 from sd_rest.settings import Settings
 
 log = logging.getLogger(__name__)
 
 REAP_EVERY: Final = 5.0  # seconds between checks for idle workers to retire
-GONE_LISTED: Final = 300.0  # seconds a worker that died unasked stays listed as gone
-GONE_KEPT: Final = 8  # of them, at most
 
 
 class WorkerPool:
@@ -40,7 +40,7 @@ class WorkerPool:
         self._warm: Worker | None = None  # the worker warming up
         self._warming: asyncio.Task[None] | None = None
         self._warm_failed = False
-        self._gone: list[tuple[float, Worker]] = []
+        self._gone = GoneWorkers()
         self._numbers = 0
         self._closing: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -69,7 +69,7 @@ class WorkerPool:
                 self._dispose(worker)
             if self._warming is None:
                 break
-            if not await self._wait_warm(self._warming, abandon):
+            if not await _warm_or_abandoned(self._warming, abandon):
                 return None
         worker = self._new()
         self._busy.add(worker)
@@ -79,17 +79,6 @@ class WorkerPool:
             self._busy.discard(worker)
             raise
         return worker
-
-    async def _wait_warm(self, warming: asyncio.Task[None], abandon: asyncio.Event | None) -> bool:
-        if abandon is None:
-            await asyncio.wait({warming})
-            return True
-        waiting = asyncio.ensure_future(abandon.wait())
-        try:
-            await asyncio.wait({warming, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiting.cancel()
-        return not abandon.is_set()
 
     def _new(self) -> Worker:
         self._numbers += 1
@@ -105,7 +94,7 @@ class WorkerPool:
         if self._closed:
             self._dispose(worker)
         elif not worker.alive:
-            self._went(worker)
+            self._gone.add(worker)
             self._replace(None)
         elif worker.retire:
             log.info("replacing worker %d: %s", worker.number, worker.retire)
@@ -116,14 +105,10 @@ class WorkerPool:
     def _exited(self, worker: Worker) -> None:
         """A worker's process ended (busy and warming ones are seen to by their runs)."""
         if worker in self._idle and not worker.closing and not self._closed:
-            log.warning("worker %d ended while idle: %s", worker.number, worker.how_it_ended())
+            log.warning("worker %d ended while idle: %s", worker.number, how_it_ended(worker))
             self._idle.remove(worker)
-            self._went(worker)
+            self._gone.add(worker)
             self._replace(None)
-
-    def _went(self, worker: Worker) -> None:
-        if worker.gone and not worker.closing:
-            self._gone = [*self._gone, (time.monotonic(), worker)][-GONE_KEPT:]
 
     def _dispose(self, worker: Worker) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(worker.close())
@@ -166,7 +151,7 @@ class WorkerPool:
 
     def _settle_warm(self, worker: Worker) -> None:
         if self._closed or not worker.alive or worker.retire:
-            self._went(worker)
+            self._gone.add(worker)
             self._dispose(worker)
         else:
             self._idle.append(worker)
@@ -215,10 +200,8 @@ class WorkerPool:
 
     def describe(self) -> list[dict[str, Any]]:
         """Each worker's state from what the pool knows (see `listing`): never waits."""
-        now = time.monotonic()
-        self._gone = [(when, w) for when, w in self._gone if now - when < GONE_LISTED]
-        gone = [w for _, w in self._gone]
-        return [listing(w) for w in sorted({*self._live(), *gone}, key=lambda w: w.number)]
+        workers = {*self._live(), *self._gone.recent()}
+        return [listing(w) for w in sorted(workers, key=lambda w: w.number)]
 
     async def close(self) -> None:
         """At shutdown: every worker ended (busy ones were interrupted by their runners)."""
@@ -238,31 +221,14 @@ class WorkerPool:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-def listing(worker: Worker) -> dict[str, Any]:
-    """What `GET /` shows of a worker: what the server knows and the worker's last heartbeat
-    (never a question to the worker, nor a look at its process: answered at once, whatever the
-    worker does)."""
-    if worker.gone:
-        state = "gone"
-    elif worker.warming:
-        state = "warming"
-    else:
-        state = "busy" if worker.busy else "idle"
-    channel = worker.channel
-    heartbeat = channel.heartbeat if channel is not None else {}
-    here = state != "gone"
-    doc: dict[str, Any] = {
-        "worker": worker.number,
-        "pid": worker.pid,
-        "state": state,
-        "jobs": worker.jobs,
-        "model": worker.model,
-        "rss": heartbeat.get("rss") if here else None,
-        "models": heartbeat.get("models"),
-        "silent": round(channel.silence(), 1) if here and channel is not None else None,
-        # To choose --worker-timeout by.
-        "longest_silence": round(channel.longest_silence, 1) if channel is not None else None,
-    }
-    if not here:
-        doc["ended"] = worker.how_it_ended()
-    return doc
+async def _warm_or_abandoned(warming: asyncio.Task[None], abandon: asyncio.Event | None) -> bool:
+    """Wait for the warm-up to end: True, or False if `abandon` is set first."""
+    if abandon is None:
+        await asyncio.wait({warming})
+        return True
+    waiting = asyncio.ensure_future(abandon.wait())
+    try:
+        await asyncio.wait({warming, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+    return not abandon.is_set()

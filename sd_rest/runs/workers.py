@@ -6,6 +6,8 @@ scripts' environment): the scripts' output flows through its pty as before, and 
 the server over a Unix socket of its own (worker_channel.py; the protocol is in
 worker_driver/__init__.py). It sends a heartbeat on that socket every few seconds from a thread
 of its own, whatever the script does; the pool (worker_pool.py) kills one silent for too long.
+One run's side of it (the request, the output cut at the run's end, the account) is in
+worker_run.py.
 """
 
 from __future__ import annotations
@@ -14,28 +16,24 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from sd_rest.runs.exits import ScriptExit
 from sd_rest.runs.pty_process import PtyProcess, SpawnError
 from sd_rest.runs.worker_channel import Channel, NotReady, Rendezvous
+from sd_rest.runs.worker_run import Finished, OutputHandler, WorkerRun
 from sd_rest.scripts import script_environment
 from sd_rest.settings import Settings
 
 log = logging.getLogger(__name__)
 
 DRIVER: Final = Path(__file__).parent.parent / "worker_driver"  # a folder Python runs by path
-MARKER_WAIT: Final = 2.0  # pty output can trail the socket's `finished` by a moment
 EXIT_WAIT: Final = 2.0  # an `exit` asked of an idle worker, before SIGTERM
 MAX_HEARTBEAT: Final = 2.0  # seconds between a worker's heartbeats, at most
-
-OutputHandler = Callable[[bytes], None]
 
 
 def heartbeat_interval(timeout: float) -> float:
@@ -45,84 +43,6 @@ def heartbeat_interval(timeout: float) -> float:
 
 class WorkerError(Exception):
     """The worker could not be started, or broke the protocol."""
-
-
-@dataclass(frozen=True)
-class Finished:
-    """A worker's account of one run (the driver's `finished`), or of its death mid-run."""
-
-    outcome: str  # ok, error, interrupted; "died" when the worker is gone
-    exit_code: int | None
-    error: str | None = None
-    oom: bool = False
-    recycle: str | None = None  # why the worker should be replaced after this run
-    cache: dict[str, Any] | None = None
-    died: ScriptExit | None = None  # how the worker ended, when it died mid-run
-    silent: float | None = None  # seconds it had been silent, when killed for it
-
-    @property
-    def ended(self) -> ScriptExit:
-        """As a script run by hand would have ended."""
-        if self.died is not None:
-            return self.died
-        code = self.exit_code
-        if code is not None and code < 0:  # the driver's -N: interrupted by signal N
-            return ScriptExit(None, -code)
-        return ScriptExit(code)
-
-    @classmethod
-    def from_message(cls, message: dict[str, Any]) -> Finished:
-        return cls(
-            outcome=str(message.get("outcome")),
-            exit_code=message.get("exit_code"),
-            error=message.get("error"),
-            oom=bool(message.get("oom")),
-            recycle=message.get("recycle"),
-            cache=message.get("cache"),
-        )
-
-
-@dataclass
-class _Run:
-    """One run's output, cut from the pty stream at the marker the worker writes after it."""
-
-    job: str
-    on_output: OutputHandler
-    on_started: Callable[[], None]
-    marker: bytes
-    finished: asyncio.Future[Finished]
-    marker_seen: asyncio.Event = field(default_factory=asyncio.Event)
-    pending: bytes = b""  # pty bytes that may be the start of the marker
-
-    def feed(self, data: bytes, note: Callable[[bytes], None]) -> None:
-        data = self.pending + data
-        self.pending = b""
-        end = data.find(self.marker)
-        if end >= 0:
-            if end:
-                self.on_output(data[:end])
-            self.marker_seen.set()
-            note(data[end + len(self.marker) :])
-            return
-        keep = _marker_prefix(data, self.marker)
-        if keep:
-            data, self.pending = data[:-keep], data[-keep:]
-        if data:
-            self.on_output(data)
-
-    def flush(self) -> None:
-        if self.pending:
-            self.on_output(self.pending)
-        self.pending = b""
-
-
-def _marker_prefix(data: bytes, marker: bytes) -> int:
-    """How many bytes at the end of `data` could be the start of `marker` (held back until the
-    next chunk says)."""
-    for size in range(min(len(marker) - 1, len(data)), 0, -1):
-        if data.endswith(marker[:size]):
-            return size
-    return 0
 
 
 class Worker:
@@ -146,7 +66,7 @@ class Worker:
         self._on_exit = on_exit
         self._process: PtyProcess | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._run: _Run | None = None
+        self._run: WorkerRun | None = None
         self._exited: asyncio.Future[ScriptExit] | None = None
 
     @property
@@ -211,28 +131,11 @@ class Worker:
         and idle again, or when it dies. `counted`: a job (a warm-up is not one)."""
         if self._run is not None:
             raise WorkerError("the worker is busy")
-        loop = asyncio.get_running_loop()
-        marker = f"\x1b]sd-rest;end;{job};{secrets.token_hex(4)}\x07"
-        run = _Run(job, on_output, on_started, marker.encode(), loop.create_future())
-        self._run = run
+        run = self._run = WorkerRun.begin(job, on_output, on_started)
         self.last_used = time.monotonic()
         try:
-            self._send(
-                {
-                    "op": "run",
-                    "job": job,
-                    "script": str(script),
-                    "argv": argv,
-                    "cwd": str(cwd),
-                    "seed": seed,
-                    "marker": marker,
-                }
-            )
-            finished = await run.finished
-            if finished.died is None:
-                # Everything the run printed is on its way through the pty: take it all.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(run.marker_seen.wait(), MARKER_WAIT)
+            self._send(run.request(script, argv, cwd, seed))
+            finished = await run.account()
         finally:
             run.flush()
             self._run = None
@@ -242,10 +145,8 @@ class Worker:
             self.last_outcome = finished.outcome
             if finished.cache is not None:
                 self.model = finished.cache
-        if finished.recycle and self.retire is None:
-            self.retire = finished.recycle
-        if finished.oom and self.retire is None:
-            self.retire = "out of memory"
+        if self.retire is None:
+            self.retire = finished.advice
         return finished
 
     def interrupt(self) -> None:
@@ -296,11 +197,6 @@ class Worker:
         if self.channel is not None:
             self.channel.close()
 
-    def how_it_ended(self) -> str:
-        if self.silenced is not None:
-            return f"killed after {self.silenced:.0f} s without a heartbeat (hung or stopped)"
-        return self.ended.describe() if self.ended is not None else "unknown"
-
     # --- the two channels -------------------------------------------------------------
 
     def _send(self, message: dict[str, Any]) -> None:
@@ -309,14 +205,10 @@ class Worker:
         self.channel.send(message)
 
     def _on_message(self, message: dict[str, Any]) -> None:
+        if self._run is not None:
+            self._run.on_event(message)
         event = message.get("event")
-        run = self._run
-        if event == "started" and run is not None and message.get("job") == run.job:
-            run.on_started()
-        elif event == "finished" and run is not None and message.get("job") == run.job:
-            if not run.finished.done():
-                run.finished.set_result(Finished.from_message(message))
-        elif event == "fatal":
+        if event == "fatal":
             log.error("worker %d failed itself: %s", self.number, message.get("error"))
             self.retire = "the worker's driver failed"
         elif event == "error":
@@ -332,8 +224,8 @@ class Worker:
             run.flush()
         if not self._exited.done():
             self._exited.set_result(ended)
-        if run is not None and not run.finished.done():
-            run.finished.set_result(Finished("died", None, died=ended, silent=self.silenced))
+        if run is not None:
+            run.died(ended, self.silenced)
         if self.channel is not None:
             self.channel.close()
         if self._on_exit is not None:
