@@ -31,7 +31,7 @@ from sd_rest.errors import ApiError
 from sd_rest.jobs.manager import JobManager
 from sd_rest.runs import publisher as publisher_module
 from sd_rest.settings import Settings
-from sd_rest.state import store as store_module
+from sd_rest.state import jobfiles as store_module
 from sd_rest.state.jobs import Job, Status
 
 from helpers import (

@@ -1,46 +1,32 @@
-"""Job state, durable: one JSON sidecar per job folder and a marker per unfinished job (see
-layout.py), and the jobs in memory.
+"""Job state, durable, behind one facade: the order of a change (written to disk, then visible
+in memory, then announced) and the lookups that fall back on the disk.
 
-Every change is a transition of lifecycle.py, written to disk (temp file, fsync, rename)
-before it is visible in memory, then announced (events.py). Unfinished jobs stay in memory;
-finished ones are read the first time somebody asks for them and kept in a bounded cache.
-Invariant: an unfinished sidecar always has a marker (written first, removed last).
+Every change is a transition of lifecycle.py, written by jobfiles.py (a sidecar per job folder,
+a marker per unfinished job) before it is visible in memory (jobcache.py), then put in the index
+(index.py) and announced (events.py). An outcome the disk refuses is retried by unsynced.py.
+Unfinished jobs stay in memory; finished ones are read the first time somebody asks for them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
-import logging
 import os
-import shutil
 import threading
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 from sd_rest.state import lifecycle
 from sd_rest.state.events import JobEvents
-from sd_rest.state.files import (
-    fsync_dir,
-    is_link_error,
-    is_plain_dir,
-    is_plain_file,
-    is_temp_file,
-    make_dirs,
-    read_plain,
-    write_atomic,
-)
+from sd_rest.state.files import is_link_error, read_plain
 from sd_rest.state.index import JobIndex
+from sd_rest.state.jobcache import JobCache
+from sd_rest.state.jobfiles import JobFiles
 from sd_rest.state.jobs import Job
-from sd_rest.state.layout import IMAGE_RE, INPUTS, RUN, Key, Layout
+from sd_rest.state.layout import Layout
 from sd_rest.state.quarantine import Quarantine
+from sd_rest.state.unsynced import UnsyncedStates
 
-log = logging.getLogger(__name__)
-
-SYNC_RETRY_SECONDS = 1.0
 # A sidecar that is there but cannot be read as a file: a damaged job, not a passing fault.
 _UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EINVAL})
 
@@ -60,12 +46,9 @@ class JobStore:
         # that the background sweep never takes the folder of a run that has just started.
         self.folders_lock = threading.Lock()
         self.quarantine = Quarantine(layout, self.folders_lock)
-        self._live: dict[Key, Job] = {}  # unfinished jobs (and any being changed)
-        self._finished: OrderedDict[Key, Job] = OrderedDict()  # most recently used last
-        self._finished_cache = finished_cache
-        # States the disk refused (full): visible in memory, retried until written.
-        self._unsynced: dict[Key, Job] = {}
-        self._syncer: asyncio.Task[None] | None = None
+        self._files = JobFiles(layout)
+        self._memory = JobCache(finished_cache)
+        self._unsynced = UnsyncedStates(self._files.write_state)
 
     @property
     def output(self) -> Path:
@@ -75,13 +58,7 @@ class JobStore:
 
     def cached(self, endpoint: str, job_id: str) -> Job | None:
         """Memory only: the status GET's fast path."""
-        key = (endpoint, job_id)
-        job = self._live.get(key)
-        if job is None:
-            job = self._finished.get(key)
-            if job is not None:
-                self._finished.move_to_end(key)
-        return job
+        return self._memory.get(endpoint, job_id)
 
     async def get(self, endpoint: str, job_id: str) -> Job | None:
         job = self.cached(endpoint, job_id)
@@ -97,36 +74,24 @@ class JobStore:
 
     def keep(self, job: Job) -> Job:
         """Hold `job` in memory: unfinished ones for good, finished ones in the bounded cache."""
-        key = (job.endpoint, job.id)
-        if job.status.finished:
-            self._live.pop(key, None)
-            self._finished[key] = job
-            self._finished.move_to_end(key)
-            while len(self._finished) > self._finished_cache:
-                self._finished.popitem(last=False)
-        else:
-            self._finished.pop(key, None)
-            self._live[key] = job
-        return job
+        return self._memory.keep(job)
 
     def unfinished(self, endpoint: str, job_id: str) -> Job | None:
         """An unfinished job (they are all in memory), or None."""
-        job = self._live.get((endpoint, job_id))
-        return job if job is not None and not job.status.finished else None
+        return self._memory.unfinished(endpoint, job_id)
 
     def unfinished_jobs(self) -> list[Job]:
-        return [job for job in self._live.values() if not job.status.finished]
+        return self._memory.unfinished_jobs()
 
     def forget(self, endpoint: str, job_id: str) -> None:
-        self._live.pop((endpoint, job_id), None)
-        self._finished.pop((endpoint, job_id), None)
+        self._memory.drop(endpoint, job_id)
         self.index.remove(endpoint, job_id)
 
     def in_memory(self, endpoint: str, job_id: str) -> bool:
-        return (endpoint, job_id) in self._live or (endpoint, job_id) in self._finished
+        return self._memory.holds(endpoint, job_id)
 
     def __len__(self) -> int:
-        return len(self._live) + len(self._finished)
+        return len(self._memory)
 
     def read_job(self, endpoint: str, job_id: str) -> Job | None:
         """The job its sidecar describes, or None. A job or endpoint folder that is a link,
@@ -168,23 +133,11 @@ class JobStore:
         (with nothing of the job left on disk) when the disk refuses it."""
         loop = asyncio.get_running_loop()
         async with job.lock:
-            await loop.run_in_executor(None, self._write_new, job, job.to_sidecar(), inputs)
+            await loop.run_in_executor(None, self._files.write_new, job, job.to_sidecar(), inputs)
         self.keep(job)
         job.invalidate()
         self.index.put(job)
         self.events.emit(job, lifecycle.Transition.REQUEUE.event)
-
-    def _write_new(self, job: Job, sidecar: dict[str, Any], inputs: dict[str, bytes]) -> None:
-        try:
-            self._write_marker(job)
-            self._write_inputs(job, inputs)
-            self._write_sidecar(job, sidecar)
-        except OSError:
-            # Never answered, so never a job: no half-written folder may stay (a full disk).
-            shutil.rmtree(self.layout.job_dir(job.endpoint, job.id), ignore_errors=True)
-            with contextlib.suppress(OSError):
-                self._remove_marker(job)
-            raise
 
     async def commit(self, job: Job, change: lifecycle.Change) -> None:
         """Make `change` durable, then visible, then announce it. Raises IllegalTransition for
@@ -193,18 +146,18 @@ class JobStore:
         loop = asyncio.get_running_loop()
         async with job.lock:
             draft = lifecycle.applied(job, change)
-            await loop.run_in_executor(None, self._write_state, draft)
+            await loop.run_in_executor(None, self._files.write_state, draft)
             self._make_visible(job, draft, change)
-            self._unsynced.pop((job.endpoint, job.id), None)  # the whole state is written
+            self._unsynced.written(job)  # the whole state is written
 
     def commit_now(self, job: Job, change: lifecycle.Change) -> None:
         """`commit` for start-up, before the server serves (blocking I/O, no lock needed)."""
         draft = lifecycle.applied(job, change)
         try:
-            self._write_state(draft)
+            self._files.write_state(draft)
         except OSError as exc:
             self._make_visible(job, draft, change)
-            self._keep_unsynced(job, exc, start_syncing=False)
+            self._unsynced.keep(job, exc, start_syncing=False)
             return
         self._make_visible(job, draft, change)
 
@@ -217,7 +170,7 @@ class JobStore:
         except OSError as exc:
             async with job.lock:
                 self._make_visible(job, lifecycle.applied(job, change), change)
-            self._keep_unsynced(job, exc)
+            self._unsynced.keep(job, exc)
 
     def _make_visible(self, job: Job, draft: Job, change: lifecycle.Change) -> None:
         for name in (*change.fields, "status", "updated_at"):
@@ -228,50 +181,10 @@ class JobStore:
         published = change.transition is lifecycle.Transition.PUBLISH
         self.events.emit(job, change.transition.event, job.images[-1] if published else None)
 
-    def _write_state(self, job: Job) -> None:
-        if job.status.finished:
-            self._write_sidecar(job, job.to_sidecar())
-            self._remove_marker(job)
-        else:
-            self._write_marker(job)  # a re-queued job needs its marker back
-            self._write_sidecar(job, job.to_sidecar())
-
-    def _write_sidecar(self, job: Job, sidecar: dict[str, Any]) -> None:
-        folder = self.layout.job_dir(job.endpoint, job.id)
-        make_dirs(folder)
-        data = json.dumps(sidecar, indent=1, ensure_ascii=False).encode()
-        write_atomic(folder / "job.json", data)
-
-    def _write_marker(self, job: Job) -> None:
-        make_dirs(self.layout.queue_dir)
-        marker = self.layout.marker(job.endpoint, job.id)
-        if not marker.exists():
-            marker.touch()
-            fsync_dir(self.layout.queue_dir)
-
-    def _remove_marker(self, job: Job) -> None:
-        self.remove_marker(job.endpoint, job.id)
-
     def remove_marker(self, endpoint: str, job_id: str) -> None:
-        try:
-            self.layout.marker(endpoint, job_id).unlink()
-        except FileNotFoundError:
-            return
-        fsync_dir(self.layout.queue_dir)
+        self._files.remove_marker(endpoint, job_id)
 
     # --- states the disk refused ------------------------------------------------------
-
-    def _keep_unsynced(self, job: Job, exc: OSError, start_syncing: bool = True) -> None:
-        log.warning(
-            "could not write the state of job %s/%s (%s): it is kept in memory and written "
-            "as soon as the disk allows",
-            job.endpoint,
-            job.id,
-            exc.strerror or exc,
-        )
-        self._unsynced[(job.endpoint, job.id)] = job
-        if start_syncing:
-            self.start_syncing()
 
     @property
     def unsynced(self) -> int:
@@ -280,78 +193,32 @@ class JobStore:
 
     def start_syncing(self) -> None:
         """Retry unwritten states in the background (needs a running loop)."""
-        if self._unsynced and (self._syncer is None or self._syncer.done()):
-            self._syncer = asyncio.get_running_loop().create_task(self._sync_until_written())
-
-    async def _sync_until_written(self) -> None:
-        while await self.sync():
-            await asyncio.sleep(SYNC_RETRY_SECONDS)
+        self._unsynced.start_syncing()
 
     async def sync(self) -> int:
         """Write every state the disk refused so far; returns how many are still unwritten."""
-        loop = asyncio.get_running_loop()
-        for key, job in list(self._unsynced.items()):
-            async with job.lock:
-                if self._unsynced.get(key) is not job:
-                    continue  # a commit has written it meanwhile
-                try:
-                    await loop.run_in_executor(None, self._write_state, job)
-                except OSError:
-                    continue
-                del self._unsynced[key]
-                log.info("wrote the state of job %s/%s at last", job.endpoint, job.id)
-        return len(self._unsynced)
+        return await self._unsynced.sync()
 
     async def close(self) -> None:
         """Stop retrying in the background; one last attempt to write what is unwritten."""
-        if self._syncer is not None:
-            self._syncer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._syncer
-        if await self.sync():
-            log.warning(
-                "%d job state(s) could not be written: the next start resumes those jobs",
-                len(self._unsynced),
-            )
+        await self._unsynced.close()
         await asyncio.get_running_loop().run_in_executor(None, self.index.close)
 
     # --- a job's files ----------------------------------------------------------------
 
     def inputs_present(self, job: Job) -> bool:
         """Whether every input file is there as a plain file, reached without a link."""
-        if not job.inputs:
-            return True
-        folder = self.layout.inputs_dir(job.endpoint, job.id)
-        return is_plain_dir(folder) and all(
-            is_plain_file(folder / name) for name in job.inputs.values()
-        )
+        return self._files.inputs_present(job)
 
     async def restore_inputs(self, job: Job, inputs: dict[str, bytes]) -> None:
         """Write a re-queued job's input files again (the same bytes: they make its id), so a
         job whose inputs went missing runs again when it is posted again."""
         if self.inputs_present(job):
             return
-        await asyncio.get_running_loop().run_in_executor(None, self._write_inputs, job, inputs)
-
-    def _write_inputs(self, job: Job, inputs: dict[str, bytes]) -> None:
-        folder = self.layout.inputs_dir(job.endpoint, job.id)
-        if folder.is_symlink():
-            folder.unlink()
-        make_dirs(folder)
-        for field, data in inputs.items():
-            write_atomic(folder / job.inputs[field], data)
+        await asyncio.get_running_loop().run_in_executor(
+            None, self._files.write_inputs, job, inputs
+        )
 
     def clear_leftovers(self, job: Job) -> None:
-        """Remove what an interrupted run left: its work folder, temp files (of images, of the
-        sidecar, of inputs) and PNGs published but never recorded in the sidecar."""
-        folder = self.layout.job_dir(job.endpoint, job.id)
-        shutil.rmtree(folder / RUN, ignore_errors=True)
-        for parent in (folder, folder / INPUTS):
-            try:
-                entries = list(os.scandir(parent))
-            except FileNotFoundError:
-                continue
-            for entry in entries:
-                match = IMAGE_RE.fullmatch(entry.name) if parent == folder else None
-                if is_temp_file(entry.name) or (match and int(match.group(1)) > len(job.images)):
-                    Path(entry.path).unlink(missing_ok=True)
+        """Remove what an interrupted run left (sync: call it off the event loop)."""
+        self._files.clear_leftovers(job)
