@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from . import (
+from sd_rest import (
     connections,
     get_throughput,
     lag,
@@ -31,6 +31,7 @@ from . import (
     stalled,
     streams,
 )
+
 from .common import FULL, QUICK, Result, Sizes, machine_description, make_certificate
 
 Measure = Callable[[Path, tuple[Path, Path], Sizes, argparse.Namespace], list[Result]]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sd_rest.demo import make_self_signed_certificate
+from sd_rest.setup.demo import make_self_signed_certificate
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_TO_IMAGE = "text-to-image"

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from sd_rest.endpoints import ENDPOINTS, IMAGE_TO_IMAGE, INPAINT_IMAGE, TEXT_TO_IMAGE
-from sd_rest.jobs import ImageRecord, Job, Status, job_id
+from sd_rest.state.jobs import ImageRecord, Job, Status, job_id
 
 SIDECAR = "job.json"
 QUEUE = ".queue"
@@ -51,7 +51,7 @@ def tiny_png() -> bytes:
 
 def demo_checkpoint(endpoint: str) -> str:
     """The checkpoint a demo server records for this endpoint's jobs."""
-    from sd_rest.demo import SIMULATOR
+    from sd_rest.setup.demo import SIMULATOR
 
     model = ENDPOINTS[endpoint].model
     return str((SIMULATOR / "models" / "demo" / f"{model}.ckpt").resolve())

@@ -30,7 +30,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from . import forkkit
+from sd_rest import forkkit
+
 from .common import Client, Result, ServerProcess, Sizes, rss_bytes
 
 TERMINAL = frozenset({"COMPLETE", "FAILED", "CANCELED"})

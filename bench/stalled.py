@@ -19,6 +19,8 @@ import ssl
 import time
 from pathlib import Path
 
+from sd_rest.api.streams import RssSampler
+
 from .common import (
     Client,
     Result,
@@ -28,7 +30,6 @@ from .common import (
     rss_bytes,
     simulator_env,
 )
-from .streams import RssSampler
 
 MIB = 1024 * 1024
 RSS_TARGET = 50 * MIB

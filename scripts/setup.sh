@@ -76,7 +76,7 @@ fi
 INPAINT_URL=${SD_REST_INPAINT_URL:-https://heibox.uni-heidelberg.de/f/4d9ac7ea40c64582b7c9/?dl=1}
 INPAINT_SHA256=${SD_REST_INPAINT_SHA256:-}
 CERT_TOOL=${SD_REST_CERT_TOOL:-auto}
-PROBE=$CHECKOUT/sd_rest/fork_imports.py
+PROBE=$CHECKOUT/sd_rest/setup/fork_imports.py
 CONSTRAINTS=$HERE/fork-constraints.txt
 REQUIREMENTS=$HERE/fork-requirements.txt
 REQUIREMENTS_NO_DEPS=$HERE/fork-requirements-no-deps.txt
@@ -132,7 +132,7 @@ step_fork() {
       mkdir -p "$partial"
       tar -xzf "$archive" -C "$partial" || fail "could not unpack $archive (is it a .tar.gz of the fork?)"
       # An archive has no history: the commit git wrote into it (GitHub's archives carry it) is
-      # kept for the images' metadata (sd_rest/provenance.py), once the tree is in place.
+      # kept for the images' metadata (sd_rest/runs/provenance.py), once the tree is in place.
       local commit=""
       if command -v git >/dev/null; then
         commit=$(gzip -dc "$archive" 2>/dev/null | git get-tar-commit-id 2>/dev/null || true)

@@ -14,6 +14,8 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install --quiet -e '.[test]'
 .venv/bin/ruff check sd_rest tests bench
+# The packages' layers (pyproject.toml [tool.importlinter]): an upward import fails here.
+.venv/bin/lint-imports --no-cache
 
 # Coverage of the processes the tests start: this .pth file starts coverage.py in every Python
 # process of the venv that inherits SD_REST_COVERAGE, but for the simulator's scripts (a .py

@@ -1,3 +1,3 @@
-from .cli import main
+from sd_rest.cli import main
 
 main(prog_name="stable-diffusion-rest-api")

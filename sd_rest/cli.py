@@ -14,14 +14,19 @@ from typing import IO, Any
 
 import click
 
-from . import __version__
-from . import check as checks
-from .access import output_problem
-from .demo import SIMULATOR, demo_certificate, demo_checkpoint
-from .disk import parse_size
-from .endpoints import ENDPOINTS
-from .listener import DEFAULT_MAX_CONNECTIONS
-from .settings import Limits, Model, Settings, limits_from_environment
+from sd_rest import __version__
+from sd_rest.endpoints import ENDPOINTS
+from sd_rest.settings import (
+    DEFAULT_MAX_CONNECTIONS,
+    Limits,
+    Model,
+    Settings,
+    limits_from_environment,
+)
+from sd_rest.setup import check as checks
+from sd_rest.setup.access import output_problem
+from sd_rest.setup.demo import SIMULATOR, demo_certificate, demo_checkpoint
+from sd_rest.state.disk import parse_size
 
 log = logging.getLogger("sd_rest")
 
@@ -252,8 +257,8 @@ def run_server(
     settings: Settings, host: str, port: int, context: ssl.SSLContext, delete_incomplete: bool
 ) -> None:
     # Imported here so that --help and --version do not load aiohttp and the rest.
-    from .manager import JobManager
-    from .server import RecoveryFailed, serve
+    from sd_rest.jobs.manager import JobManager
+    from sd_rest.server import RecoveryFailed, serve
 
     manager = JobManager(settings)
     if delete_incomplete:
@@ -335,7 +340,7 @@ def _check_python(python: Path, explicit: bool) -> None:
 
 
 def _load_certificate(cert: str, key: str) -> ssl.SSLContext:
-    from .app import ssl_context
+    from sd_rest.api.app import ssl_context
 
     _require(checks.certificate(cert, key))
     try:

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from .fields import Params
-from .pngfile import png_size
-from .scripts import RunFolders, RunPlan
-from .settings import Model
-from .uploads import prepare_init_image, prepare_inpaint
+from sd_rest.fields import Params
+from sd_rest.images.pngfile import png_size
+from sd_rest.images.uploads import prepare_init_image, prepare_inpaint
+from sd_rest.scripts import RunFolders, RunPlan
+from sd_rest.settings import Model
 
 TEXT_TO_IMAGE: Final = "text-to-image"
 IMAGE_TO_IMAGE: Final = "image-to-image"

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fields import Params
+from sd_rest.fields import Params
 
 # Columns of the pty: wide enough that tqdm never shortens a bar's label.
 PTY_COLUMNS = 240

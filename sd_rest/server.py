@@ -9,10 +9,10 @@ import signal
 import ssl
 from collections.abc import Callable
 
-from .access import output_problem
-from .app import create_app, make_runner, protocol_factory
-from .listener import Listener
-from .manager import JobManager
+from sd_rest.api.app import create_app, make_runner, protocol_factory
+from sd_rest.api.listener import Listener
+from sd_rest.jobs.manager import JobManager
+from sd_rest.setup.access import output_problem
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Final
 
-from .disk import DEFAULT_MIN_FREE
-from .listener import DEFAULT_MAX_CONNECTIONS
+DEFAULT_MIN_FREE: Final = 1024**3  # bytes kept free on the output disk beyond a job's needs
+DEFAULT_MAX_CONNECTIONS: Final = 512  # connections open at once (api/listener.py)
+
 
 HEADER_TIMEOUT_ENV: Final = "SD_REST_HEADER_TIMEOUT"
 BODY_TIMEOUT_ENV: Final = "SD_REST_BODY_TIMEOUT"

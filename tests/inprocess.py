@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from sd_rest.endpoints import ENDPOINTS
-from sd_rest.events import JobEvent, JobEvents
 from sd_rest.fields import Params
-from sd_rest.jobs import Job
+from sd_rest.state.events import JobEvent, JobEvents
+from sd_rest.state.jobs import Job
 
 from helpers import DEMO_MODELS, SIMULATOR
 

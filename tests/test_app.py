@@ -11,9 +11,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from sd_rest.app import create_app
-from sd_rest.manager import JobManager
-from sd_rest.routes import COMMON_HEADERS
+from sd_rest.api.app import create_app
+from sd_rest.api.common import COMMON_HEADERS
+from sd_rest.jobs.manager import JobManager
 
 from inprocess import settings
 

@@ -183,7 +183,7 @@ def test_the_forms_http_allows_still_work(keyed: Server) -> None:
 
 
 def test_bearer_token_takes_only_http_whitespace() -> None:
-    from sd_rest.app import bearer_token
+    from sd_rest.api.app import bearer_token
 
     assert bearer_token("Bearer k") == "k"
     assert bearer_token(" \tbEaReR   k\t ") == "k"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from sd_rest.uploads import MAX_UPLOAD_BYTES
+from sd_rest.images.uploads import MAX_UPLOAD_BYTES
 
 from helpers import Server, mask_bytes, multipart, png_bytes, raw_request
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sd_rest import check, checkpoints, fork_imports
-from sd_rest.certinfo import CertificateError, pem_certificates, private_key_kind, validity
+from sd_rest.setup import check, checkpoints, fork_imports
+from sd_rest.setup.certinfo import CertificateError, pem_certificates, private_key_kind, validity
 
 from forkfakes import (
     certificate_pair,
@@ -573,8 +573,8 @@ def test_the_import_check_names_each_kind_of_problem_at_once() -> None:
     # The test venv's own Python on the simulator: a stand-in torch and transformers that lack
     # what the fork uses, packages the fork needs that are not installed, and a repository
     # that is not the fork. Each is a problem of its own, each with its fix.
-    from sd_rest import check as checks
-    from sd_rest.demo import SIMULATOR
+    from sd_rest.setup import check as checks
+    from sd_rest.setup.demo import SIMULATOR
 
     results = checks.imports(Path(sys.executable), SIMULATOR, timeout=300)
     failed = [r for r in results if r.failed]

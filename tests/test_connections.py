@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from sd_rest.listener import RECLAIM_EVERY, Listener
+from sd_rest.api.listener import RECLAIM_EVERY, Listener
 
 from helpers import Server, read_response, tls_socket
 

@@ -26,13 +26,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from sd_rest import publisher as publisher_module
-from sd_rest import store as store_module
 from sd_rest.endpoints import ENDPOINTS
 from sd_rest.errors import ApiError
-from sd_rest.jobs import Job, Status
-from sd_rest.manager import JobManager
+from sd_rest.jobs.manager import JobManager
+from sd_rest.runs import publisher as publisher_module
 from sd_rest.settings import Settings
+from sd_rest.state import jobfiles as store_module
+from sd_rest.state.jobs import Job, Status
 
 from helpers import (
     DEMO_MODELS,

@@ -15,13 +15,13 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from sd_rest import index as index_module
-from sd_rest import indexfile
-from sd_rest.events import JobEvents
-from sd_rest.index import JobIndex
-from sd_rest.jobs import Job, Status
-from sd_rest.layout import Layout, parse_marker
-from sd_rest.store import JobStore
+from sd_rest.state import indexfile
+from sd_rest.state import indexwriter as index_module
+from sd_rest.state.events import JobEvents
+from sd_rest.state.index import JobIndex
+from sd_rest.state.jobs import Job, Status
+from sd_rest.state.layout import Layout, parse_marker
+from sd_rest.state.store import JobStore
 
 from bench.jobfolders import make_job, tiny_png, write_job
 

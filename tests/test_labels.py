@@ -21,11 +21,11 @@ import pytest
 
 from sd_rest import __version__
 from sd_rest.endpoints import ENDPOINTS
-from sd_rest.jobs import ImageRecord, Status
-from sd_rest.manager import JobManager
-from sd_rest.provenance import Provenance, read_fork_commit
-from sd_rest.publisher import ImagePublisher
+from sd_rest.jobs.manager import JobManager
+from sd_rest.runs.provenance import Provenance, read_fork_commit
+from sd_rest.runs.publisher import ImagePublisher
 from sd_rest.scripts import RunFolders, plan_run
+from sd_rest.state.jobs import ImageRecord, Status
 
 from helpers import DEMO_MODELS, FAST_SIMULATOR, SIMULATOR, job_folder, mask_bytes, png_bytes
 from inprocess import settings, text_params, until
@@ -300,7 +300,7 @@ def test_an_image_is_published_even_when_its_metadata_fails(
         raise RuntimeError("the metadata could not be made")
 
     def working(png: bytes, number: int, position: int) -> bytes:
-        from sd_rest.pngmeta import add_text_chunks
+        from sd_rest.images.pngmeta import add_text_chunks
 
         return add_text_chunks(png, [("parameters", f"image {number} at {position}")])
 

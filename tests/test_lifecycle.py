@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 
-from sd_rest import lifecycle
 from sd_rest.endpoints import ENDPOINTS
-from sd_rest.jobs import ImageRecord, Job, Status
-from sd_rest.lifecycle import Change, IllegalTransition, Transition
+from sd_rest.state import lifecycle
+from sd_rest.state.jobs import ImageRecord, Job, Status
+from sd_rest.state.lifecycle import Change, IllegalTransition, Transition
 
 ALLOWED = {
     Transition.START: {Status.QUEUED},

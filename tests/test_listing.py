@@ -15,18 +15,18 @@ from typing import Any
 
 import pytest
 
-from sd_rest.cursorkey import load_cursor_key
 from sd_rest.errors import ApiError
-from sd_rest.jobs import Status
-from sd_rest.layout import Layout
-from sd_rest.listing import (
+from sd_rest.jobs.listing import (
     DEFAULT_LIMIT,
     decode_cursor,
     encode_cursor,
-    iso_time,
     parse_query,
     seal,
 )
+from sd_rest.state.cursorkey import load_cursor_key
+from sd_rest.state.items import iso_time
+from sd_rest.state.jobs import Status
+from sd_rest.state.layout import Layout
 
 from bench.jobfolders import generate
 from helpers import Server
@@ -326,8 +326,8 @@ def test_a_cursor_outlives_a_restart_and_one_from_another_server_is_refused(
 def test_digits_int_cannot_read_or_that_are_not_ascii_are_a_400_not_a_500(digits: str) -> None:
     # str.isdigit takes "²", which int() refuses: that was an internal error (found with
     # schemathesis' help, issue 12). The same in a Last-Event-ID and a stream token's expiry.
-    from sd_rest.streams import parse_event_id
-    from sd_rest.tokens import token_key, token_valid
+    from sd_rest.api.streams import parse_event_id
+    from sd_rest.api.tokens import token_key, token_valid
 
     with pytest.raises(ApiError) as refused:
         parse_query([("limit", digits)], KEY)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from sd_rest import lifecycle
-from sd_rest.job_run import CANCEL_KILL_AFTER
-from sd_rest.jobs import ImageRecord, Job, Status
-from sd_rest.manager import JobManager
+from sd_rest.jobs.manager import JobManager
+from sd_rest.runs.job_run import CANCEL_KILL_AFTER
+from sd_rest.state import lifecycle
+from sd_rest.state.jobs import ImageRecord, Job, Status
 
 from helpers import FAST_SIMULATOR, process_running
 from inprocess import Recorder, settings, text_params, until

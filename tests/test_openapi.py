@@ -18,15 +18,16 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
 from sd_rest import __version__
-from sd_rest.app import HTTP_CODES, create_app
-from sd_rest.docs import DOC_ASSETS, STATIC, asset_file
+from sd_rest.api.app import HTTP_CODES, create_app
+from sd_rest.api.common import DOC_ASSETS
+from sd_rest.api.docs import STATIC, asset_file
+from sd_rest.api.openapi import ERROR_CODES, build_document, crashing_steps
+from sd_rest.api.page import static_files
+from sd_rest.api.validation import validate_params
 from sd_rest.endpoints import ENDPOINTS
 from sd_rest.errors import ApiError
 from sd_rest.fields import FIELDS, FileField, NumberField
-from sd_rest.manager import JobManager
-from sd_rest.openapi import ERROR_CODES, build_document, crashing_steps
-from sd_rest.page import static_files
-from sd_rest.validation import validate_params
+from sd_rest.jobs.manager import JobManager
 
 from helpers import ROOT, Server, mask_bytes, png_bytes, wait_until
 from inprocess import settings

@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import pytest
 
+from sd_rest.api.page import prefers_html
 from sd_rest.endpoints import ENDPOINTS
 from sd_rest.fields import FIELDS, NumberField, TextField
-from sd_rest.page import prefers_html
 
 from helpers import Response, Server, wait_until
 

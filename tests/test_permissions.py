@@ -102,7 +102,8 @@ class World:
             "output": self.output,
             **{name.replace("_", "-"): path for name, path in overrides.items()},
         }
-        args = ["--host", "127.0.0.1", "--port", "0"]
+        # The stub interpreter runs no script: a warm-up would only fail (and say so).
+        args = ["--host", "127.0.0.1", "--port", "0", "--no-warm-start"]
         for flag, path in paths.items():
             args += [f"--{flag}", str(path)]
         return args

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin
 
-from sd_rest.pngfile import PNG_SIGNATURE, is_complete_png, png_size
+from sd_rest.images.pngfile import PNG_SIGNATURE, is_complete_png, png_size
 
 
 def noise(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:

@@ -14,11 +14,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sd_rest import __version__
-from sd_rest.jobs import Job
-from sd_rest.labels import describe_run, image_texts
-from sd_rest.pngfile import is_complete_png
-from sd_rest.pngmeta import add_text_chunks, infotext, quote, text_chunk
+from sd_rest.images.pngfile import is_complete_png
+from sd_rest.images.pngmeta import add_text_chunks, infotext, quote, text_chunk
+from sd_rest.runs.labels import describe_run, image_texts
 from sd_rest.scripts import plan_run
+from sd_rest.state.jobs import Job
 
 from helpers import png_bytes
 from pngparts import chunks, parse_infotext, pixels, text_chunks, without_text

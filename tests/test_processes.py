@@ -1,4 +1,4 @@
-"""Finding and ending script processes (sd_rest/processes.py), on real processes, both ways:
+"""Finding and ending script processes (sd_rest/runs/processes.py), on real processes, both ways:
 Linux's /proc, and `ps` as on macOS, run here with /proc hidden from the module."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_rest import processes
+from sd_rest.runs import processes
 
 from helpers import wait_until
 

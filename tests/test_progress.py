@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from sd_rest.progress import Progress, ProgressParser, is_bar_line, last_error
+from sd_rest.runs.progress import Progress, ProgressParser, is_bar_line, last_error
 
 CR = "\r"
 ESC = "\x1b"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from sd_rest.endpoints import ENDPOINTS
 from sd_rest.errors import ApiError
-from sd_rest.jobs import Job
-from sd_rest.manager import JobManager
+from sd_rest.jobs.manager import JobManager
 from sd_rest.settings import Settings
+from sd_rest.state.jobs import Job
 
 from helpers import DEMO_MODELS, SIMULATOR, Server
 

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sd_rest.endpoints import ENDPOINTS
-from sd_rest.jobs import Job, Status
-from sd_rest.queue import JobQueue
+from sd_rest.jobs.queue import JobQueue
+from sd_rest.state.jobs import Job, Status
 
 OPERATIONS = st.lists(
     st.one_of(

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from sd_rest import worker_pool
 from sd_rest.endpoints import ENDPOINTS
-from sd_rest.jobs import Job, Status
-from sd_rest.manager import JobManager
-from sd_rest.resident_runner import WORKER_KILL_AFTER
+from sd_rest.jobs.manager import JobManager
+from sd_rest.runs import worker_pool
+from sd_rest.runs.resident_runner import WORKER_KILL_AFTER
+from sd_rest.state.jobs import Job, Status
 
 from helpers import FAST_SIMULATOR, mask_bytes, png_bytes, process_running
 from inprocess import settings, text_params, until

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from sd_rest.endpoints import ENDPOINTS, TextToImage
-from sd_rest.jobs import Status
-from sd_rest.manager import JobManager
+from sd_rest.jobs.manager import JobManager
 from sd_rest.scripts import RunFolders
 from sd_rest.settings import Settings
+from sd_rest.state.jobs import Status
 
 from helpers import DEMO_MODELS, FAST_SIMULATOR, SIMULATOR, Server
 

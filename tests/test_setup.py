@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sd_rest import check, checkpoints, fork_imports
+from sd_rest.setup import check, checkpoints, fork_imports
 
 from forkfakes import (
     BRANCH,
@@ -178,7 +178,7 @@ def test_fork_from_an_archive_relative_to_the_caller(tmp_path: Path) -> None:
 
 
 def test_fork_from_a_git_archive_keeps_its_commit_for_the_images(tmp_path: Path) -> None:
-    from sd_rest.provenance import read_fork_commit
+    from sd_rest.runs.provenance import read_fork_commit
 
     source, first, _ = git_fork(tmp_path / "source")
     archive = tmp_path / "fork.tar.gz"

@@ -7,7 +7,9 @@ import http.client
 import os
 import signal
 import ssl
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +23,19 @@ from helpers import (
     wait_gone,
     wait_until,
 )
+
+
+@pytest.fixture
+def make_server(make_server: Callable[..., Server]) -> Callable[..., Server]:
+    """Servers without the resident worker's warm-up: these tests count the simulator's script
+    runs and read its event log, where a warm-up at start would be one more run (warm start has
+    its own tests, test_warm_start.py)."""
+
+    def make(args: list[str] | None = None, **kwargs: Any) -> Server:
+        return make_server([*(args or []), "--no-warm-start"], **kwargs)
+
+    return make
+
 
 PARAMS = {
     "prompt": "a lighthouse in fog",
@@ -132,7 +147,7 @@ def test_kill_9_of_the_server_leaves_no_script_running(
     # Steps so long that a script could only end by the hang-up's SIGHUP, not by failing to
     # write its next progress line to the closed pty.
     env = {"SD_SIM_ARGV_LOG": str(argv_log), "SD_SIM_STEP_SECONDS": "60"}
-    args = ["--concurrency", "2"]
+    args = ["--concurrency", "2", "--no-warm-start"]  # a warm-up step would take 60 s too
     if nohup:
         server: Server = NohupServer(output=tmp_path / "output", certs=certs, args=args, env=env)
         server.start()

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from sd_rest import lifecycle
-from sd_rest.events import JobEvents
-from sd_rest.jobs import ImageRecord, Job, Status, job_id
-from sd_rest.layout import Layout
-from sd_rest.lifecycle import IllegalTransition
-from sd_rest.store import JobStore
+from sd_rest.state import lifecycle
+from sd_rest.state.events import JobEvents
+from sd_rest.state.jobs import ImageRecord, Job, Status, job_id
+from sd_rest.state.layout import Layout
+from sd_rest.state.lifecycle import IllegalTransition
+from sd_rest.state.store import JobStore
 
 from inprocess import Recorder, text_params
 

@@ -573,7 +573,7 @@ def test_bad_stream_requests(server: Server) -> None:
 def test_frames_are_what_aiohttp_sse_writes() -> None:
     from aiohttp_sse import EventSourceResponse
 
-    from sd_rest.streams import frame
+    from sd_rest.api.streams import frame
 
     class Capture(EventSourceResponse):
         sent: list[bytes]
@@ -593,7 +593,7 @@ def test_frames_are_what_aiohttp_sse_writes() -> None:
 
 
 def test_event_ids_are_read_strictly() -> None:
-    from sd_rest.streams import parse_event_id
+    from sd_rest.api.streams import parse_event_id
 
     assert parse_event_id(" 1796170011568715 ") == 1796170011568715
     for bad in (None, "", "-3", "1e5", "abc", "9" * 21):
@@ -601,7 +601,7 @@ def test_event_ids_are_read_strictly() -> None:
 
 
 def test_tokens_expire_and_cannot_be_forged() -> None:
-    from sd_rest.tokens import make_token, token_key, token_valid
+    from sd_rest.api.tokens import make_token, token_key, token_valid
 
     key = token_key(KEY)
     assert key == token_key(KEY) and key != token_key(KEY + "x")  # survives a restart
@@ -618,9 +618,9 @@ def test_tokens_expire_and_cannot_be_forged() -> None:
 
 
 def test_the_replay_buffer_gives_way_to_a_snapshot(tmp_path: Any) -> None:
-    from sd_rest.jobs import Job
-    from sd_rest.manager import JobManager
-    from sd_rest.streams import EventHub
+    from sd_rest.api.streams import EventHub
+    from sd_rest.jobs.manager import JobManager
+    from sd_rest.state.jobs import Job
 
     from inprocess import settings, text_params
 
@@ -655,10 +655,10 @@ def test_the_replay_buffer_gives_way_to_a_snapshot(tmp_path: Any) -> None:
 def test_snapshot_parts_are_the_item_bytes_and_are_shared() -> None:
     import json
 
-    from sd_rest.jobs import ImageRecord, Job, Status
-    from sd_rest.listing import dumps, job_item
-    from sd_rest.stream_items import ItemParts, every_job_snapshot, job_snapshot
-    from sd_rest.streams import frame
+    from sd_rest.api.stream_items import ItemParts, every_job_snapshot, job_snapshot
+    from sd_rest.api.streams import frame
+    from sd_rest.state.items import dumps, job_item
+    from sd_rest.state.jobs import ImageRecord, Job, Status
 
     from inprocess import text_params
 
@@ -689,7 +689,7 @@ def test_snapshot_parts_are_the_item_bytes_and_are_shared() -> None:
 
 
 def test_an_opening_is_taken_a_chunk_at_a_time() -> None:
-    from sd_rest.subscriber import CHUNK, Subscriber
+    from sd_rest.api.subscriber import CHUNK, Subscriber
 
     async def scenario() -> None:
         parts = [b"a" * 10, b"b" * (CHUNK * 2 + 5), b"c" * 3, b"d" * CHUNK]

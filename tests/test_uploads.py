@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from sd_rest.errors import ApiError
-from sd_rest.uploads import (
+from sd_rest.images.uploads import (
     MAX_DECODE_PIXELS,
     decode_image,
     prepare_init_image,

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sd_rest.endpoints import ENDPOINTS, IMAGE_TO_IMAGE, INPAINT_IMAGE, TEXT_TO_IMAGE
-from sd_rest.errors import ApiError
-from sd_rest.validation import (
+from sd_rest.api.validation import (
     MAX_BATCH_SIZE,
     MAX_IMAGES,
     MAX_ITERATIONS,
@@ -19,6 +17,8 @@ from sd_rest.validation import (
     nearest_safe_steps,
     validate_params,
 )
+from sd_rest.endpoints import ENDPOINTS, IMAGE_TO_IMAGE, INPAINT_IMAGE, TEXT_TO_IMAGE
+from sd_rest.errors import ApiError
 
 FILES = {name: list(endpoint.files) for name, endpoint in ENDPOINTS.items()}
 PROMPT = {TEXT_TO_IMAGE: [("prompt", "a cat")], IMAGE_TO_IMAGE: [("prompt", "a cat")]}

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from sd_rest.jobs import Status
-from sd_rest.manager import JobManager
+from sd_rest.jobs.manager import JobManager
+from sd_rest.state.jobs import Status
 
 from helpers import FAST_SIMULATOR, Server, check_finished_job, process_running, wait_until
 from inprocess import settings, text_params, until

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from sd_rest.jobs import Status
-from sd_rest.manager import JobManager
-from sd_rest.runners import Runners
+from sd_rest.jobs.manager import JobManager
+from sd_rest.runs.runners import Runners
+from sd_rest.state.jobs import Status
 
 from helpers import (
     FAST_SIMULATOR,

@@ -28,7 +28,7 @@ from typing import Any
 
 import pexpect
 
-from sd_rest.processes import reset_signals
+from sd_rest.runs.processes import reset_signals
 from sd_rest.scripts import PTY_COLUMNS, PTY_ROWS, script_environment, sitecustomize_source
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -102,9 +102,10 @@ constructor again and dropping the result. The method is chosen after checking i
 first build's real before/after generator states.
 
 Modules: ``worker`` (start-up, the channel's messages, status), ``runner`` (one script run),
-``caches`` (what is kept), ``hooks`` (the patches applied as the scripts import torch, ldm and
-the safety checker), ``generator`` (recording a build, the plans), ``mtjump`` (the jump-ahead),
-``channel`` (JSON lines on the socket).
+``caches`` (what is kept), ``resident`` (the resident model and its first build), ``hooks``
+(the patches applied as the scripts import torch, ldm and the safety checker), ``generator``
+(recording a build, the plans), ``mtjump`` (the jump-ahead), ``channel`` (JSON lines on the
+socket).
 """
 
 VERSION = "1.0"

@@ -11,27 +11,29 @@
   holds no second copy of the weights (the script's next ``load_state_dict`` then copies each
   tensor onto itself, which torch skips).
 * ``from_pretrained`` results of the safety checker and its feature extractor.
+
+The model kept and its first build, recorded, are in resident.py.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
-import io
 import json
 import os
 import sys
 from typing import Any, Callable, Dict, Tuple
 
 from . import ALIAS_ENV
-from .generator import GeneratorPlan, make_recorder, state_bytes, state_tensor
+from .generator import state_bytes, state_tensor
 from .memory import collect_garbage, release_device_memory
+from .resident import CheckpointKey, Resident, build_resident
 
 # Diagnostic switch: SD_REST_WORKER_ALIAS=0 keeps the cached torch.load result as read instead of
 # pointing its tensors at the model's (costs a second copy of the weights).
 ALIAS_CHECKPOINT = os.environ.get(ALIAS_ENV, "1") != "0"
 
-CheckpointKey = Tuple[str, int, int, int, str]
 # (checkpoint key, what torch.load returned, the state dict inside it)
 Loaded = Tuple[CheckpointKey, Any, Dict[str, Any]]
 
@@ -55,42 +57,6 @@ class JobCache:
             "checkpoint": self.checkpoint,
             "evicted": self.evicted,
         }
-
-
-class Resident:
-    """The one model kept between runs."""
-
-    def __init__(
-        self, key: str, model: Any, plan: GeneratorPlan, output: str, flags: list[Any]
-    ) -> None:
-        self.key = key
-        self.model = model
-        self.plan = plan
-        self.output = output  # what the build printed, printed again on reuse (log parity)
-        self.flags = flags  # [(module, training)] right after the build
-        self.weights_from: CheckpointKey | None = None  # whose weights it holds exactly
-        self.checkpoint: tuple[CheckpointKey, Any] | None = None  # aliased torch.load result
-        parameters = getattr(model, "parameters", None)
-        self.params = sum(p.numel() for p in parameters()) if parameters else 0
-
-
-class _Tee:
-    """sys.stdout during a build: writes through and keeps a copy. Not an io.TextIOBase: that
-    would answer isatty()/fileno() itself instead of passing them to the real stream."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self.copy = io.StringIO()
-
-    def write(self, text: str) -> int:
-        self.copy.write(text)
-        return self._stream.write(text)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
 
 
 def checkpoint_key(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CheckpointKey | None:
@@ -140,30 +106,6 @@ def pretrained_key(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         return None
 
 
-def _other_rng_states() -> dict[str, Any]:
-    """Python's and numpy's generators: a build must not draw from them (if it does, only a
-    real rebuild keeps them in step)."""
-    import random
-
-    states: dict[str, Any] = {"random": random.getstate()}
-    np = sys.modules.get("numpy")
-    if np is not None:
-        s = np.random.get_state()
-        states["numpy"] = (s[0], s[1].tobytes(), s[2], s[3], s[4])
-    return states
-
-
-def _restore_other_rng_states(states: dict[str, Any]) -> None:
-    import random
-
-    random.setstate(states["random"])
-    np = sys.modules.get("numpy")
-    if np is not None and "numpy" in states:
-        s = states["numpy"]
-        words = np.frombuffer(s[1], dtype=np.uint32).copy()
-        np.random.set_state((s[0], words, s[2], s[3], s[4]))
-
-
 class Caches:
     def __init__(self) -> None:
         self.resident: Resident | None = None
@@ -199,56 +141,11 @@ class Caches:
             self.build_depth -= 1
 
     def _build_recorded(self, real: Callable[[Any], Any], config: Any, key: str) -> Any:
-        import torch
-
         assert self.job is not None
-        s0 = state_bytes(torch.get_rng_state())
-        other0 = _other_rng_states()
-        tee = _Tee(sys.stdout)
-        model, recorder = self._build_watched(real, config, torch, s0, other0, tee)
-        s1 = state_bytes(torch.get_rng_state())
-        other1 = _other_rng_states()
-        changed = [name for name in other0 if other0[name] != other1.get(name)]
-        plan = GeneratorPlan(torch, recorder, s0, s1, changed)
-        plan.decide()
-        modules = getattr(model, "modules", None)
-        flags = [(m, m.training) for m in modules()] if modules else []
-        self.resident = Resident(key, model, plan, tee.copy.getvalue(), flags)
+        self.resident = build_resident(key, functools.partial(self._build_plain, real), config)
         self.job.model = "built"
         self.job.handed_out = True
-        return model
-
-    def _build_watched(
-        self,
-        real: Callable[[Any], Any],
-        config: Any,
-        torch: Any,
-        s0: bytes,
-        other0: dict[str, Any],
-        tee: _Tee,
-    ) -> tuple[Any, Any]:
-        """(model, recorder or None): the real build, its stdout copied and, when torch has a
-        TorchDispatchMode, its draws recorded."""
-        recorder = make_recorder(torch)
-        saved_stdout, sys.stdout = sys.stdout, tee
-        self.build_depth += 1
-        try:
-            if recorder is None:
-                return real(config), None
-            try:
-                with recorder:
-                    return real(config), recorder
-            except (KeyboardInterrupt, MemoryError):
-                raise
-            except Exception:
-                # The recorder itself may be what failed: start again from the same generator
-                # states without it (exactly what a run by hand does), and never reuse.
-                torch.set_rng_state(state_tensor(torch, s0))
-                _restore_other_rng_states(other0)
-                return real(config), None
-        finally:
-            self.build_depth -= 1
-            sys.stdout = saved_stdout
+        return self.resident.model
 
     def _reuse(self, real: Callable[[Any], Any], config: Any, res: Resident) -> Any:
         import torch
