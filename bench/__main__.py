@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from sd_rest import (
+from . import (
     connections,
     get_throughput,
     lag,
@@ -31,7 +31,6 @@ from sd_rest import (
     stalled,
     streams,
 )
-
 from .common import FULL, QUICK, Result, Sizes, machine_description, make_certificate
 
 Measure = Callable[[Path, tuple[Path, Path], Sizes, argparse.Namespace], list[Result]]

@@ -30,8 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sd_rest import forkkit
-
+from . import forkkit
 from .common import Client, Result, ServerProcess, Sizes, rss_bytes
 
 TERMINAL = frozenset({"COMPLETE", "FAILED", "CANCELED"})

@@ -19,8 +19,6 @@ import ssl
 import time
 from pathlib import Path
 
-from sd_rest.api.streams import RssSampler
-
 from .common import (
     Client,
     Result,
@@ -30,6 +28,7 @@ from .common import (
     rss_bytes,
     simulator_env,
 )
+from .streams import RssSampler
 
 MIB = 1024 * 1024
 RSS_TARGET = 50 * MIB
