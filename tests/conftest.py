@@ -34,9 +34,14 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
 
 
 @pytest.fixture
-def make_server(tmp_path: Path, certs: tuple[str, str, str]) -> Iterator[Callable[..., Server]]:
-    """Start servers on demand; every one still running is ended at the end of the test."""
+def make_server(
+    tmp_path: Path, certs: tuple[str, str, str], request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Server]]:
+    """Start servers on demand; every one still running is ended at the end of the test.
+    Tests marked `no_warm_start` get servers without the resident worker's warm-up (they count
+    the simulator's runs or read its event log, where the warm-up would be one more run)."""
     started: list[Server] = []
+    cold = ["--no-warm-start"] if request.node.get_closest_marker("no_warm_start") else []
 
     def make(
         args: list[str] | None = None,
@@ -48,7 +53,7 @@ def make_server(tmp_path: Path, certs: tuple[str, str, str]) -> Iterator[Callabl
         server = Server(
             output=output or tmp_path / "output",
             certs=certs,
-            args=args or [],
+            args=[*(args or []), *cold],
             env=env or {},
             demo=demo,
         )

@@ -4,25 +4,14 @@ and nothing it spells out runs. The simulator records its argv (SD_SIM_ARGV_LOG)
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from helpers import Server, png_bytes
 
-
-@pytest.fixture
-def make_server(make_server: Callable[..., Server]) -> Callable[..., Server]:
-    """Servers without the resident worker's warm-up: these tests count the simulator's script
-    runs and read its event log, where a warm-up at start would be one more run (warm start has
-    its own tests, test_warm_start.py)."""
-
-    def make(args: list[str] | None = None, **kwargs: Any) -> Server:
-        return make_server([*(args or []), "--no-warm-start"], **kwargs)
-
-    return make
+# They count the simulator's runs and read its event log: no warm-up run (conftest.py).
+pytestmark = pytest.mark.no_warm_start
 
 
 def hostile_prompts(canary: Path) -> list[str]:

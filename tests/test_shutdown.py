@@ -7,9 +7,7 @@ import http.client
 import os
 import signal
 import ssl
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,17 +22,8 @@ from helpers import (
     wait_until,
 )
 
-
-@pytest.fixture
-def make_server(make_server: Callable[..., Server]) -> Callable[..., Server]:
-    """Servers without the resident worker's warm-up: these tests count the simulator's script
-    runs and read its event log, where a warm-up at start would be one more run (warm start has
-    its own tests, test_warm_start.py)."""
-
-    def make(args: list[str] | None = None, **kwargs: Any) -> Server:
-        return make_server([*(args or []), "--no-warm-start"], **kwargs)
-
-    return make
+# They count the simulator's runs and read its event log: no warm-up run (conftest.py).
+pytestmark = pytest.mark.no_warm_start
 
 
 PARAMS = {

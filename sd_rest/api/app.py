@@ -30,6 +30,7 @@ from sd_rest.api.common import (
     OUTPUT_ROOT,
     STREAM_ROUTES,
     TOKEN_KEY,
+    Handler,
     error_response,
 )
 from sd_rest.api.docs import OPEN_ROUTES as DOC_ROUTES
@@ -44,7 +45,6 @@ from sd_rest.state.cursorkey import load_cursor_key
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 MAX_LINE_BYTES: Final = 8190  # the request line, and each header line

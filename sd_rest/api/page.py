@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -27,12 +26,10 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from sd_rest.api.common import MANAGER
+from sd_rest.api.common import MANAGER, Handler
 from sd_rest.endpoints import ENDPOINTS
 from sd_rest.errors import ApiError
 from sd_rest.fields import FIELDS, FileField, NumberField, TextField
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 STATIC: Final = Path(__file__).parent.parent / "static"
 PREFIX: Final = "/ui/"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
-from sd_rest.state.items import dumps, iso_time
+from sd_rest.state.items import dumps, item_head, item_tail
 from sd_rest.state.jobs import Job
 from sd_rest.state.layout import Key
 
@@ -25,15 +25,7 @@ _END: bytes = b"\r\n\r\n"
 
 def item_parts(job: Job) -> tuple[bytes, bytes]:
     """(head, tail): the job's item up to where `position` goes, and from there on."""
-    head = dumps({"id": job.id, "endpoint": job.endpoint, **job.status_document()})
-    tail = dumps(
-        {
-            "createdAt": iso_time(job.created_at),
-            "startedAt": iso_time(job.started_at),
-            "finishedAt": iso_time(job.finished_at),
-            "params": job.params,
-        }
-    )
+    head, tail = dumps(item_head(job)), dumps(item_tail(job))
     return head[:-1].encode(), b"," + tail[1:].encode()
 
 

@@ -1,5 +1,6 @@
 """Server-sent event streams: `GET /<endpoint>/<id>/events` (one job) and `GET /events` (every
-job), on aiohttp-sse's EventSourceResponse (headers, chunking, a comment every 15 s).
+job), on aiohttp-sse's EventSourceResponse (headers, chunking); the handler writes a ping
+comment after a ping interval with nothing to send.
 
 Every change the store announces (events.py) becomes at most one event, serialised once and
 shared by every client: its frame goes into a bounded replay buffer and into each subscribed
@@ -173,7 +174,7 @@ class EventHub:
         for subscriber in list(self._by_job.get(key, ())):
             subscriber.push(item.data, final)
             if final:
-                self._leave(subscriber)
+                self.leave(subscriber)
         for subscriber in self._everything:
             subscriber.push(item.data)
 
@@ -227,7 +228,7 @@ class EventHub:
         jobs = self.manager.store.unfinished_jobs()
         return sorted(jobs, key=lambda job: (self.manager.position(job) or 0, job.seq))
 
-    def _leave(self, subscriber: Subscriber) -> None:
+    def leave(self, subscriber: Subscriber) -> None:
         if subscriber.key is None:
             self._everything.discard(subscriber)
             return
@@ -236,9 +237,6 @@ class EventHub:
             subscribers.discard(subscriber)
             if not subscribers:
                 del self._by_job[subscriber.key]
-
-    def leave(self, subscriber: Subscriber) -> None:
-        self._leave(subscriber)
 
     @property
     def clients(self) -> int:

@@ -15,7 +15,6 @@ from sd_rest.state.jobs import Job, Status
 Place = tuple[float, str, str]
 
 
-
 def iso_time(seconds: float | None) -> str | None:
     """UTC, ISO 8601 with milliseconds and a `Z`: what JavaScript's `new Date()` reads."""
     if seconds is None:
@@ -27,10 +26,18 @@ def iso_time(seconds: float | None) -> str | None:
 def job_item(job: Job, position: int | None = None) -> dict[str, Any]:
     """A job as the listing (and the event stream's snapshots and final events) show it: its
     status document, plus what identifies and describes it."""
+    return {**item_head(job, position), **item_tail(job)}
+
+
+def item_head(job: Job, position: int | None = None) -> dict[str, Any]:
+    """An item's first half: what identifies the job, and its status document (`position`
+    last, when the job waits)."""
+    return {"id": job.id, "endpoint": job.endpoint, **job.status_document(position)}
+
+
+def item_tail(job: Job) -> dict[str, Any]:
+    """An item's second half: its times and parameters (stream_items.py shares it)."""
     return {
-        "id": job.id,
-        "endpoint": job.endpoint,
-        **job.status_document(position),
         "createdAt": iso_time(job.created_at),
         "startedAt": iso_time(job.started_at),
         "finishedAt": iso_time(job.finished_at),
