@@ -13,12 +13,17 @@ import random
 import shutil
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
-from sd_rest.state import indexfile
+import pytest
+
+from sd_rest.state import indexfile, indexreconcile
 from sd_rest.state import indexwriter as index_module
 from sd_rest.state.events import JobEvents
 from sd_rest.state.index import JobIndex
+from sd_rest.state.indexreconcile import RETRY_SECONDS
+from sd_rest.state.items import IndexUnavailable
 from sd_rest.state.jobs import Job, Status
 from sd_rest.state.layout import Layout, parse_marker
 from sd_rest.state.store import JobStore
@@ -256,3 +261,131 @@ def test_names_that_end_in_a_newline_are_not_jobs(tmp_path: Path) -> None:
     index.close()
     assert parse_marker(f"{jobs[1].endpoint}.{jobs[1].id}") == (jobs[1].endpoint, jobs[1].id)
     assert parse_marker(f"{jobs[1].endpoint}.{jobs[1].id}\n") is None
+
+
+def test_a_sidecar_whose_text_is_no_utf8_is_left_out(tmp_path: Path) -> None:
+    """A lone surrogate in its text (valid JSON, no UTF-8 for SQLite): the sidecar is not taken
+    for a job (Job.from_sidecar), so the reconciliation lists every other job."""
+    output = tmp_path / "output"
+    jobs = on_disk(output, 12)
+    bad = jobs[4]
+    sidecar = output / bad.endpoint / bad.id / "job.json"
+    doc = json.loads(sidecar.read_text())
+    doc["params"]["prompt"] = "\ud800"
+    sidecar.write_text(json.dumps(doc))  # as an escape: the file is valid JSON and UTF-8
+    index = JobIndex(Layout(output))
+    index.reconcile().result()
+    assert {r.id for r in all_rows(index)} == {j.id for j in jobs if j is not bad}
+    index.close()
+
+
+def test_a_failure_that_is_not_sqlites_leaves_no_transaction_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure half way through the reconciliation that no sidecar can cause any more (it
+    stands for a bug): its transaction was left open, the next page read the rows half
+    written, and the next BEGIN was an SQLite error taken for damage (the file made again, and
+    again). Now it is rolled back, and the next page reconciles first."""
+    output = tmp_path / "output"
+    jobs = on_disk(output, 12)
+    bad = jobs[4]
+    real_row_of = indexreconcile.row_of
+
+    def failing_row_of(job: Job) -> indexreconcile.NewRow:
+        if job.id == bad.id:
+            raise RuntimeError("not SQLite's")
+        return real_row_of(job)
+
+    monkeypatch.setattr(indexreconcile, "row_of", failing_row_of)
+    index = JobIndex(Layout(output))
+    with pytest.raises(RuntimeError):
+        index.reconcile().result()
+    monkeypatch.setattr(indexreconcile, "row_of", real_row_of)
+    assert {r.id for r in all_rows(index)} == {j.id for j in jobs}
+    assert index.reconcile().result() == 0
+    index.close()
+    assert "damaged" not in caplog.text
+
+
+def sqlite_error(kind: type[sqlite3.Error], message: str, code: int | None) -> sqlite3.Error:
+    """An error as the sqlite3 module raises it: with its code (Python 3.11+) or without."""
+    exc = kind(message)
+    if code is not None:
+        exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+    return exc
+
+
+def test_damage_is_told_from_the_disks_trouble_with_or_without_a_code() -> None:
+    """Python 3.10's errors carry no code: a busy lock or a full disk was taken for damage,
+    and the index deleted (another process's live journal with it)."""
+    operational, corrupt = sqlite3.OperationalError, sqlite3.DatabaseError
+    cases = [
+        (operational, "database is locked", 5, False),
+        (operational, "database or disk is full", 13, False),
+        (operational, "attempt to write a readonly database", 8, False),
+        (operational, "disk I/O error", 10 | (12 << 8), False),  # an extended code
+        (corrupt, "database disk image is malformed", 11, True),
+        (corrupt, "file is not a database", 26, True),
+        (operational, "cannot start a transaction within a transaction", 1, True),
+    ]
+    for kind, message, code, damage in cases:
+        for shown in (code, None):
+            if shown is None and code == 1:
+                continue  # SQLITE_ERROR: without its code, an OperationalError like the disk's
+            exc = sqlite_error(kind, message, shown)
+            assert indexfile.is_damage(exc) is damage, (message, shown)
+    not_utf8 = sqlite3.OperationalError("Could not decode to UTF-8 column 'item' with text 'x'")
+    assert indexfile.is_damage(not_utf8)
+    assert indexfile.is_damage(indexfile.Damaged("a row"))
+    assert not indexfile.is_damage(OSError("no space left on device"))
+
+
+def test_real_errors_are_told_apart(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.sqlite3"
+    garbage.write_bytes(b"not a database at all" * 100)
+    with (
+        contextlib.closing(sqlite3.connect(garbage)) as db,
+        pytest.raises(sqlite3.DatabaseError) as not_a_database,
+    ):
+        db.execute("SELECT * FROM sqlite_master").fetchall()
+    assert indexfile.is_damage(not_a_database.value)
+    good = tmp_path / "good.sqlite3"
+    with contextlib.closing(sqlite3.connect(good, isolation_level=None)) as holder:
+        holder.execute("CREATE TABLE t (x)")
+        holder.execute("BEGIN EXCLUSIVE")
+        with (
+            contextlib.closing(sqlite3.connect(good, timeout=0)) as other,
+            pytest.raises(sqlite3.OperationalError) as busy,
+        ):
+            other.execute("SELECT * FROM t").fetchall()
+    assert not indexfile.is_damage(busy.value)
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        db.execute("CREATE TABLE t (x TEXT)")
+        db.execute("INSERT INTO t VALUES (CAST(x'ff' AS TEXT))")
+        with pytest.raises(sqlite3.OperationalError) as not_utf8:
+            db.execute("SELECT x FROM t").fetchall()
+    assert indexfile.is_damage(not_utf8.value)
+
+
+def test_an_index_busy_at_the_open_is_kept_not_made_again(tmp_path: Path) -> None:
+    """Another process holds the file (SQLITE_BUSY) as the server opens it: every error at the
+    open was taken for damage, and the good file deleted under its holder. Now: unavailable
+    (a 503 with Retry-After), and the file kept."""
+    output = tmp_path / "output"
+    on_disk(output, 5)
+    index = JobIndex(Layout(output))
+    index.reconcile().result()
+    index.close()
+    path = output / ".index.sqlite3"
+    inode = path.stat().st_ino
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as holder:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        index = JobIndex(Layout(output))
+        with pytest.raises(IndexUnavailable):
+            index.reconcile().result()  # after SQLite's own wait for the lock (5 s)
+        holder.execute("COMMIT")
+    assert path.stat().st_ino == inode
+    time.sleep(RETRY_SECONDS)  # not tried again before
+    assert len(all_rows(index)) == 5
+    index.close()

@@ -6,6 +6,7 @@ listings: each is answered, never a 500, and lists every job, new ones included.
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import sqlite3
 from collections.abc import Callable
@@ -168,4 +169,35 @@ def test_an_index_that_cannot_be_made_is_a_503_until_it_can(
     blocker.unlink()
     wait_until(lambda: server.get("/jobs").status == 200, "the listing to come back")
     assert urls(every_item(server)) == [posted.headers["Location"], *listed]
+    assert "Traceback" not in server.log()
+
+
+def test_a_sidecar_whose_times_cannot_be_shown_is_quarantined_not_a_500(
+    make_server: Callable[..., Server],
+) -> None:
+    """A sidecar that reads as JSON but holds a time no date can show (a year past 9999, a
+    string, infinity) was taken as a job, then failed as its row was made, inside the
+    reconciliation's transaction: every GET /jobs was a 500 from then on. Such a sidecar is
+    corrupt: quarantined, and every other job listed."""
+    output = make_server(start=False).output
+    made = generate(output, 12, 0)
+    bad = {made.finished[2]: ("startedAt", 1e12), made.finished[5]: ("finishedAt", "noon")}
+    bad[made.finished[8]] = ("createdAt", float("inf"))
+    for (endpoint, job_id), (name, value) in bad.items():
+        sidecar = output / endpoint / job_id / "job.json"
+        doc = json.loads(sidecar.read_text())
+        sidecar.write_text(json.dumps({**doc, name: value}))
+    server = make_server(output=output)
+    good = [f"/{e}/{i}" for e, i in made.finished if (e, i) not in bad]
+    assert sorted(urls(every_item(server))) == sorted(good)
+    # A change written after it, then listed: the index still works.
+    resp = server.post_form("text-to-image", {"prompt": "after the bad sidecars", "steps": "2"})
+    assert resp.status == 303, resp.body
+    assert sorted(urls(every_item(server))) == sorted([resp.headers["Location"], *good])
+
+    def all_quarantined() -> bool:
+        place = server.output / ".quarantine"
+        return place.is_dir() and len(list(place.iterdir())) == len(bad)
+
+    wait_until(all_quarantined, "the bad sidecars to be quarantined")
     assert "Traceback" not in server.log()

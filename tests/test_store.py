@@ -212,3 +212,36 @@ def test_waiting_for_a_change(tmp_path: Path) -> None:
         assert await store.events.changed(job, version, timeout=0)  # already past it
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("startedAt", 1e12),  # a year past 9999
+        ("finishedAt", "noon"),
+        ("createdAt", float("inf")),
+        ("createdAt", None),
+        ("startedAt", True),
+        ("finishedAt", -1e20),
+    ],
+)
+def test_a_sidecar_with_a_time_no_date_can_show_is_corrupt(name: str, value: object) -> None:
+    """Such a sidecar was taken as a job, then failed each time its job was listed."""
+    doc = {**new_job().to_sidecar(), "startedAt": 1.5e9, "finishedAt": None, name: value}
+    with pytest.raises((ValueError, TypeError)):
+        Job.from_sidecar(json.loads(json.dumps(doc)))
+
+
+def test_a_sidecar_with_text_that_is_no_utf8_is_corrupt() -> None:
+    """A lone surrogate escaped in its JSON: its listing item could never be written."""
+    data = json.loads(json.dumps(new_job().to_sidecar()))
+    data["params"]["prompt"] = json.loads('"\\ud800"')  # what json.loads makes of the escape
+    assert data["params"]["prompt"] == "\ud800"
+    with pytest.raises(ValueError):
+        Job.from_sidecar(data)
+
+
+def test_a_sidecar_with_times_that_can_be_shown_is_read() -> None:
+    doc = {**new_job().to_sidecar(), "createdAt": 0, "startedAt": 1.5e9, "finishedAt": None}
+    job = Job.from_sidecar(doc)
+    assert (job.created_at, job.started_at, job.finished_at) == (0.0, 1.5e9, None)

@@ -99,9 +99,8 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
         message = f"the request body is larger than {MAX_BODY_BYTES} bytes"
     else:
         message = exc.reason
-    return error_response(
-        ApiError(exc.status, HTTP_CODES.get(exc.status, "http_error"), message), headers
-    )
+    code = HTTP_CODES.get(exc.status, "http_error")
+    return error_response(ApiError(exc.status, code, message, headers=headers))
 
 
 @web.middleware
@@ -110,7 +109,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         response = await handler(request)
     except ApiError as error:
-        response = error_response(error, error.headers)
+        response = error_response(error)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -168,9 +167,12 @@ def api_key_middleware(key: str) -> Middleware:
             given = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
             if not (hmac.compare_digest(given, expected) or _stream_token(request, signing)):
                 error = ApiError(
-                    401, "unauthorized", "send the API key as 'Authorization: Bearer <key>'"
+                    401,
+                    "unauthorized",
+                    "send the API key as 'Authorization: Bearer <key>'",
+                    headers={"WWW-Authenticate": 'Bearer realm="sd-rest"'},
                 )
-                return error_response(error, {"WWW-Authenticate": 'Bearer realm="sd-rest"'})
+                return error_response(error)
         return await handler(request)
 
     return require_api_key
@@ -245,9 +247,12 @@ class ApiProtocol(web.RequestHandler):
             log.debug("refused a malformed request from %s: %s", request.remote, message)
             response = error_response(
                 ApiError(
-                    status, HTTP_CODES.get(status, "bad_request"), _parser_message(status, message)
-                ),
-                COMMON_HEADERS,  # outside the app: its on_response_prepare does not run here
+                    status,
+                    HTTP_CODES.get(status, "bad_request"),
+                    _parser_message(status, message),
+                    # Outside the app: its on_response_prepare does not run here.
+                    headers=COMMON_HEADERS,
+                )
             )
         response.force_close()
         return response

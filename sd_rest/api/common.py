@@ -40,13 +40,15 @@ INDEX_ROUTE: Final = "index"
 STREAM_ROUTES: Final = frozenset({"events", *(f"events-{endpoint}" for endpoint in ENDPOINTS)})
 
 
-def error_response(error: ApiError, headers: dict[str, str] | None = None) -> web.Response:
+def error_response(error: ApiError) -> web.Response:
+    """The JSON answer for `error`, with the headers it carries."""
     return web.Response(
         body=json.dumps(error.body()).encode(),
         status=error.status,
         content_type="application/json",
-        headers=headers,
+        headers=error.headers,
     )
+
 
 # The docs page's files (docs.py serves them, openapi.py describes them): path -> (content
 # type, what it is); each is a file of static/docs/, `/docs` its index.html.

@@ -52,6 +52,7 @@ STATUS_NAMES: Final = {
 }
 UNFINISHED: Final = frozenset({Status.QUEUED, Status.IN_PROGRESS})
 
+
 @dataclass(frozen=True)
 class ListQuery:
     statuses: frozenset[Status]  # public statuses wanted; all when no filter
@@ -183,8 +184,6 @@ async def list_jobs(manager: JobManager, query: ListQuery, key: bytes) -> bytes:
     Unfinished jobs are always in memory: their items come from there (live progress,
     current position); finished ones are the index's JSON as it is."""
     index = manager.store.index
-    if index.closed:
-        raise ApiError(503, "shutting_down", "the server is shutting down")
     stored = query.stored_statuses()
     items: list[tuple[Place, str]] = []
     after = query.after

@@ -15,7 +15,7 @@ from typing import Final
 
 from sd_rest.state.files import fsync_dir, make_dirs
 from sd_rest.state.layout import Layout
-from sd_rest.state.quarantine import set_aside
+from sd_rest.state.quarantine import plain_file_or_nothing
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,7 @@ def load_cursor_key(layout: Layout) -> bytes:
 
 
 def _read(layout: Layout, path: Path) -> bytes | None:
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISREG(info.st_mode):
-        if not set_aside(layout, path, "the cursor key is not a plain file"):
-            raise OSError(f"{path} is not a plain file and could not be moved away")
+    if not plain_file_or_nothing(layout, path, "the cursor key is not a plain file"):
         return None
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "rb") as file:

@@ -118,7 +118,9 @@ class JobIndex:
         except IndexUnavailable:
             raise  # logged where it was found
         except Exception:
-            log.exception("the job index failed (it is rebuilt from the job folders at start)")
+            # Damage is mended where it is found (the file made again from the job folders):
+            # what comes here is a fault of another kind.
+            log.exception("an operation of the job index failed")
             raise
 
     # --- in the index's thread ---------------------------------------------------------

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import stat
 import threading
 import zlib
 from pathlib import Path
@@ -25,7 +24,7 @@ from sd_rest.endpoints import ENDPOINTS
 from sd_rest.state.items import Place, Row
 from sd_rest.state.jobs import Status
 from sd_rest.state.layout import Layout
-from sd_rest.state.quarantine import set_aside
+from sd_rest.state.quarantine import plain_file_or_nothing
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +64,10 @@ _NOT_DAMAGE: Final = frozenset(
 )
 
 
+# How the sqlite3 module says a stored text is not UTF-8 (an OperationalError with no code).
+_NOT_UTF8: Final = "Could not decode to UTF-8"
+
+
 class Damaged(Exception):
     """A row of the index is not what was written (its item fails its CRC, a column is off)."""
 
@@ -75,24 +78,30 @@ def crc(item: str) -> int:
 
 def is_damage(exc: BaseException) -> bool:
     """Whether an error reading or writing the index says the file is damaged. SQLite's own
-    errors carry their code (Python 3.11+); the sqlite3 module's (text that is not UTF-8) and
-    any error without a code count as damage."""
+    errors carry their code (Python 3.11+). Without one (Python 3.10, or the sqlite3 module's
+    own errors) the class tells: the disk's and the locks' troubles (busy, full, read-only,
+    I/O) come as OperationalError, a corrupt file or one that is no database as DatabaseError
+    itself; of the OperationalErrors only the module's text that is not UTF-8 is damage."""
     if isinstance(exc, Damaged):
         return True
     if not isinstance(exc, sqlite3.DatabaseError):
         return False
     code = getattr(exc, "sqlite_errorcode", None)
-    return code is None or code & 0xFF not in _NOT_DAMAGE
+    if code is not None:
+        return code & 0xFF not in _NOT_DAMAGE
+    if isinstance(exc, sqlite3.OperationalError):
+        return str(exc).startswith(_NOT_UTF8)
+    return True
 
 
 def open_index(layout: Layout) -> tuple[sqlite3.Connection, bool]:
     """The open file with its tables, marked as lagging the sidecars until `mark_clean`; and
     whether the last server closed it in order. Raises sqlite3.DatabaseError for a file that
-    is damaged or not an index (`delete_index`, then open again), OSError when the way to it
-    cannot be cleared."""
+    is damaged or not an index (`delete_index`, then open again) and when the disk refuses
+    (`is_damage` tells which), OSError when the way to it cannot be cleared."""
     path = layout.index_file
     layout.output.mkdir(parents=True, exist_ok=True)
-    for file in _files(layout):
+    for file in layout.index_files:
         _clear_the_way(layout, file)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     try:
@@ -122,28 +131,17 @@ def mark_clean(db: sqlite3.Connection) -> None:
 def delete_index(layout: Layout) -> None:
     """The file and its journal gone (what is no plain file moved to the quarantine), to be
     made again. Raises OSError when something cannot be cleared away."""
-    for path in _files(layout):
+    for path in layout.index_files:
         _clear_the_way(layout, path)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
 
-def _files(layout: Layout) -> list[Path]:
-    index = layout.index_file
-    return [index.with_name(index.name + suffix) for suffix in ("", "-wal", "-shm")]
-
-
 def _clear_the_way(layout: Layout, path: Path) -> None:
     """SQLite would fail on a folder and follow a link: anything there but a plain file goes."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISREG(mode):
-        return
-    reason = "the job index's place holds something that is not a plain file"
-    if not set_aside(layout, path, reason):
-        raise OSError(f"{path} is not a plain file and could not be moved out of the way")
+    plain_file_or_nothing(
+        layout, path, "the job index's place holds something that is not a plain file"
+    )
 
 
 def _quick_check(db: sqlite3.Connection, path: os.PathLike[str]) -> None:

@@ -1,5 +1,5 @@
 """The job index's connection, kept as good as the sidecars (index.py): opened, or made again
-when it cannot be used; reconciled with the job folders (at start, and before the next page
+when it is damaged; reconciled with the job folders (at start, and before the next page
 after damage or a failure); rebuilt from every sidecar when damage is found; given up on for
 `RETRY_SECONDS` when the disk refuses. Also what a row is made of, for the writers and for
 the reconciliation alike.
@@ -73,8 +73,9 @@ class IndexReconciler:
         try:
             return open_index(self.layout)
         except sqlite3.DatabaseError as exc:
-            log.warning("the job index %s cannot be used (%s): making it again", self.path, exc)
-            delete_index(self.layout)
+            if not is_damage(exc):
+                raise  # a busy, full or read-only disk: the file may be good (a 503 meanwhile)
+            self._delete_damaged(exc)
             return open_index(self.layout)[0], False
 
     def ready(self) -> sqlite3.Connection:
@@ -100,13 +101,18 @@ class IndexReconciler:
 
     def rebuild(self, damage: BaseException) -> None:
         """Damage found: the file deleted and made again from every sidecar."""
-        log.warning("the job index %s is damaged (%s): making it again", self.path, damage)
-        self._drop()
         try:
-            delete_index(self.layout)
+            self._delete_damaged(damage)
         except OSError as exc:
             raise self.unavailable(exc) from exc
         self.reconcile()
+
+    def _delete_damaged(self, damage: BaseException) -> None:
+        """The damaged file closed as it is and deleted: the next connection makes it again,
+        and reads every sidecar into it. OSError when it cannot be cleared away."""
+        log.warning("the job index %s is damaged (%s): making it again", self.path, damage)
+        self._drop()
+        delete_index(self.layout)
 
     def unavailable(self, exc: BaseException) -> IndexUnavailable:
         """The index cannot be made now: dropped, and not tried again for a while."""
@@ -130,9 +136,7 @@ class IndexReconciler:
             except sqlite3.DatabaseError as exc:
                 if not is_damage(exc):
                     raise
-                log.warning("the job index %s is damaged (%s): making it again", self.path, exc)
-                self._drop()
-                delete_index(self.layout)
+                self._delete_damaged(exc)
                 return self._reconcile_once()
         except (OSError, sqlite3.Error) as exc:
             raise self.unavailable(exc) from exc
@@ -145,8 +149,34 @@ class IndexReconciler:
             for endpoint, id_, mtime in db.execute("SELECT endpoint, id, mtime FROM jobs")
         }
         seen: set[Key] = set()
-        read = 0
         db.execute("BEGIN")
+        try:
+            read = self._put_changed(db, known, seen, trusted)
+            gone = [key for key in known if key not in seen]
+            db.executemany("DELETE FROM jobs WHERE endpoint = ? AND id = ?", gone)
+            db.execute("COMMIT")
+        except BaseException:
+            # Whatever failed (SQLite, or Python on a row): left open, the transaction would
+            # make the next BEGIN an SQLite error taken for damage, and every later page
+            # would read the rows half written.
+            self.rollback()
+            self._stale = True
+            raise
+        self._was_clean, self._stale = True, False  # the rows are as good as the sidecars
+        if not trusted:
+            # Every sidecar was read, each at least as new as a change SQLite refused before.
+            self.unwritten.clear()
+        if read or gone:
+            log.info("job index: %d sidecar(s) read, %d row(s) removed", read, len(gone))
+        return read
+
+    def _put_changed(
+        self, db: sqlite3.Connection, known: dict[Key, int], seen: set[Key], trusted: bool
+    ) -> int:
+        """Put the row of each sidecar that has none or changed since its row (of every one
+        when the rows are not `trusted`), adding the sidecars found to `seen`; how many were
+        read."""
+        read = 0
         for endpoint, job_id, sidecar in self._sidecars():
             key = (endpoint, job_id)
             mtime = sidecar_mtime(sidecar)
@@ -165,15 +195,6 @@ class IndexReconciler:
                 "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (endpoint_, id_, created, status, mtime, item, crc_),
             )
-        gone = [key for key in known if key not in seen]
-        db.executemany("DELETE FROM jobs WHERE endpoint = ? AND id = ?", gone)
-        db.execute("COMMIT")
-        self._was_clean, self._stale = True, False  # the rows are as good as the sidecars
-        if not trusted:
-            # Every sidecar was read, each at least as new as a change SQLite refused before.
-            self.unwritten.clear()
-        if read or gone:
-            log.info("job index: %d sidecar(s) read, %d row(s) removed", read, len(gone))
         return read
 
     def _sidecars(self) -> Iterable[tuple[str, str, str]]:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
@@ -192,6 +193,9 @@ class Job:
         params = data["params"]
         if not isinstance(params, dict):
             raise TypeError("params is not an object")
+        # A lone surrogate (a "\ud800" escape) reads as JSON but is no UTF-8: the job's status
+        # and listing item could never be written out (UnicodeEncodeError is a ValueError).
+        json.dumps(data, ensure_ascii=False).encode()
         # What serving and resuming compute from params must not fail later, on a request.
         total = ENDPOINTS[data["endpoint"]].total_images(params)
         if total < 1 or len(images) > total:
@@ -211,10 +215,10 @@ class Job:
             status=Status(data["status"]),
             images=images,
             error=data["error"],
-            created_at=float(data["createdAt"]),
+            created_at=float(_sidecar_time(data, "createdAt")),
             updated_at=float(data["updatedAt"]),
-            started_at=data["startedAt"],
-            finished_at=data["finishedAt"],
+            started_at=_sidecar_time(data, "startedAt", optional=True),
+            finished_at=_sidecar_time(data, "finishedAt", optional=True),
             attempts=int(data["attempts"]),
             pid=pid,
         )
@@ -224,3 +228,20 @@ def _interned_keys(mapping: dict[str, Any]) -> dict[str, Any]:
     # Thousands of jobs stay in memory: share the few distinct key strings between them
     # (json.loads makes new ones for every sidecar it reads).
     return {sys.intern(key): value for key, value in dict(mapping).items()}
+
+
+def _sidecar_time(data: dict[str, Any], name: str, optional: bool = False) -> Any:
+    """The time `name` of a sidecar, in seconds since the epoch: a number a date can be made
+    of, as the listing shows it (items.iso_time), or None where `optional`. Checked here so
+    that a sidecar holding another (a string, infinity, a year past 9999) is corrupt, and
+    quarantined, instead of failing every time its job is listed or its row made."""
+    value = data[name]
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} {value!r} is not a number of seconds")
+    try:
+        datetime.fromtimestamp(value, timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise ValueError(f"{name} {value!r} is no time a date can show") from None
+    return value

@@ -49,6 +49,12 @@ class Layout:
         return self.output / ".index.sqlite3"
 
     @property
+    def index_files(self) -> tuple[Path, Path, Path]:
+        """The index and SQLite's write-ahead log and shared memory beside it."""
+        index = self.index_file
+        return index, Path(f"{index}-wal"), Path(f"{index}-shm")
+
+    @property
     def cursor_key_file(self) -> Path:
         return self.output / ".cursor-key"
 

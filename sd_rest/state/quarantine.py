@@ -4,7 +4,9 @@ the server's own files (the job index, the cursor key) found to be no usable fil
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import stat
 import threading
 import time
 from pathlib import Path
@@ -57,6 +59,21 @@ def set_aside(layout: Layout, path: Path, reason: str) -> bool:
         return False
     log.warning("moved %s to %s: %s", path, target, reason)
     return True
+
+
+def plain_file_or_nothing(layout: Layout, path: Path, reason: str) -> bool:
+    """Whether a plain file is at `path`, a file of the server's own: anything else there (a
+    folder, a link) is moved to the quarantine (`set_aside`, with `reason`), leaving nothing.
+    Raises OSError when it cannot be moved, or `path` cannot be looked at."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISREG(mode):
+        return True
+    if not set_aside(layout, path, reason):
+        raise OSError(f"{path} is not a plain file and could not be moved out of the way")
+    return False
 
 
 def _name(label: str) -> str:
