@@ -237,13 +237,14 @@ def main(
         # Missing or damaged is a warning (its endpoints answer 503 or fail); out of this
         # user's reach is a set-up mistake that stops the start.
         _require(checks.checkpoint_access(path, model.value))
-        found = checks.checkpoint(path, model.value, verify_sha256=False)
+        found = checks.checkpoint_contents(path, model.value, verify_sha256=False)
         # The simulator's placeholder checkpoints are not real ones: only say when one is gone.
         if found.failed and (not demo or not path.exists()):
             users = ", ".join(f"/{e.name}" for e in ENDPOINTS.values() if e.model == model)
             until = "answer 503 until it exists" if not path.exists() else "fail until it is fixed"
             log.warning("%s: %s will %s (fix: %s)", found.detail, users, until, found.fix)
-    _check_output(output_path)
+    if not demo:  # demo mode checked it before making its certificate there
+        _check_output(output_path)
     if host in ("0.0.0.0", "::", "") and not settings.api_key:
         log.warning(
             "listening on all interfaces without an API key: anyone on the network can use "
@@ -258,7 +259,7 @@ def run_server(
 ) -> None:
     # Imported here so that --help and --version do not load aiohttp and the rest.
     from sd_rest.jobs.manager import JobManager
-    from sd_rest.server import RecoveryFailed, serve
+    from sd_rest.server import StartFailed, serve
 
     manager = JobManager(settings)
     if delete_incomplete:
@@ -279,10 +280,8 @@ def run_server(
 
     try:
         asyncio.run(serve(manager, host, port, context, on_ready=ready))
-    except RecoveryFailed as exc:
+    except StartFailed as exc:
         raise StartupError(str(exc)) from exc
-    except OSError as exc:
-        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 def _check_api_key(api_key: str | None) -> None:

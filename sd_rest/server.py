@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 REQUEST_GRACE = 2.0
 
 
-class RecoveryFailed(Exception):
-    """The jobs on disk could not be read or put right before serving (one line)."""
+class StartFailed(Exception):
+    """The server could not start, in one line: the jobs on disk could not be read or put
+    right, or it could not listen."""
 
 
 async def serve(
@@ -41,7 +42,7 @@ async def serve(
         unfinished = manager.recover()
     except OSError as exc:
         # A folder of the output made by another user, most often: say which, no traceback.
-        raise RecoveryFailed(
+        raise StartFailed(
             output_problem(manager.settings.output, "recover the unfinished jobs", exc)
         ) from exc
     app = create_app(manager)
@@ -62,7 +63,7 @@ async def serve(
     gc.collect()
     gc.freeze()
     try:
-        await listener.start()
+        await _listen(listener, host, port)
         if on_ready is not None:
             on_ready(f"https://{host}:{port}")
         await stop.wait()
@@ -74,3 +75,12 @@ async def serve(
         await manager.shutdown()
         await runner.cleanup()
     log.info("stopped")
+
+
+async def _listen(listener: Listener, host: str, port: int) -> None:
+    # Only here does an OSError mean the address: one elsewhere in start-up is not reported as
+    # "cannot listen".
+    try:
+        await listener.start()
+    except OSError as exc:
+        raise StartFailed(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc

@@ -4,6 +4,7 @@ start-up stopping with the same words."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_rest.setup import check, checkpoints, fork_imports
+from sd_rest.setup import access, check, checkpoints, fork_imports
 from sd_rest.setup.certinfo import CertificateError, pem_certificates, private_key_kind, validity
 
 from forkfakes import (
@@ -380,6 +381,18 @@ def test_openssl_self_signed_days_trick(tmp_path: Path) -> None:
     assert check.certificate(cert, key, now=NOW + timedelta(days=3)).failed
 
 
+def test_certificate_key_that_is_a_loop_of_links(tmp_path: Path) -> None:
+    cert, _ = certificate_pair(tmp_path)
+    key = tmp_path / "loop.pem"
+    key.symlink_to(tmp_path / "loop2.pem")
+    (tmp_path / "loop2.pem").symlink_to(key)
+    expected = (
+        f"SSL certificate key {key} is out of reach: its symbolic links form a loop; "
+        f"fix: correct or remove the link {key}, or pass --key"
+    )
+    assert check.certificate(cert, key).message() == expected
+
+
 def test_der_reader_refuses_what_is_not_a_certificate() -> None:
     with pytest.raises(CertificateError):
         validity(b"\x30\x82\xff\xff")  # a length past the end
@@ -430,12 +443,61 @@ def test_output_folder_that_is_a_file(tmp_path: Path) -> None:
     assert check.output_folder(tmp_path / "out", create=True).failed
 
 
+def test_output_folder_under_a_file(tmp_path: Path) -> None:
+    """The same words for a start (which makes the folder) and for --check."""
+    file = tmp_path / "cert.pem"
+    file.write_text("")
+    output = file / "output"
+    expected = (
+        f"the output folder {output} is out of reach: {file} is a file, not a folder; "
+        "fix: pass --output"
+    )
+    assert check.output_folder(output, create=True).message() == expected
+    assert check.output_folder(output, create=False).message() == expected
+
+
 def test_output_folder_not_writable(tmp_path: Path, tmpfs: Path) -> None:
     _mount(tmpfs, "ro,size=1m")
     result = check.output_folder(tmpfs, create=False)
     assert result.failed and "is not writable (Read-only file system)" in result.detail
     result = check.output_folder(tmpfs / "output", create=False)
     assert result.failed and "cannot be created" in result.detail
+
+
+def test_output_problem_prescribes_chown_only_for_permissions(tmp_path: Path) -> None:
+    """A disk's error is no other user's doing: no chown for it."""
+    output, job = tmp_path / "output", tmp_path / "output" / "text-to-image" / "a"
+    denied = access.output_problem(output, "recover", OSError(errno.EACCES, "Denied", str(job)))
+    assert f"fix: {access.owner_fix(output)} (made by another user?), or pass --output" in denied
+    failing = access.output_problem(output, "recover", OSError(errno.EIO, "I/O error", str(job)))
+    assert failing == (
+        f"cannot recover in the output folder {output}: {job}: I/O error; "
+        "fix: check the disk, or pass --output"
+    )
+
+
+def test_job_index_put_right_by_the_server_is_a_warning(tmp_path: Path) -> None:
+    """Anything but a plain file in the index's place (a folder, a link to a usable file, a
+    loop of links) is moved to the quarantine by the server, which never follows a link there:
+    a warning when this user may move it."""
+    index = tmp_path / ".index.sqlite3"
+    assert check.job_index(tmp_path).message() == f"{index} (made at start)"
+    index.mkdir()
+    moved = (
+        f"{index} is not a file: the server moves it to the quarantine and makes the index "
+        "again from the job folders"
+    )
+    warning = check.Result("job index", check.WARN, moved)
+    assert check.job_index(tmp_path) == warning
+    index.rmdir()
+    usable = tmp_path / "elsewhere.sqlite3"
+    usable.write_bytes(b"")
+    index.symlink_to(usable)
+    assert check.job_index(tmp_path) == warning
+    index.unlink()
+    index.symlink_to(tmp_path / ".index.sqlite3-wal")
+    Path(f"{index}-wal").symlink_to(index)
+    assert check.job_index(tmp_path) == warning
 
 
 def test_free_space_on_a_full_disk(tmpfs: Path) -> None:
@@ -535,6 +597,39 @@ def test_start_up_fails_with_the_words_of_check(tmp_path: Path, fork: Path) -> N
     assert start.returncode != 0
     assert start.stderr.strip() == f"stable-diffusion-rest-api: error: {message}"
     assert f"FAIL  certificate           {message}" in checked.stdout.splitlines()
+
+
+def test_demo_start_checks_the_output_folder_once(tmp_path: Path) -> None:
+    """Demo mode checks it before making its certificate there, and not again."""
+    output = tmp_path / "output"
+    (output / ".index.sqlite3").mkdir(parents=True)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = ["--demo", "--no-warm-start", "--output", str(output)]
+        start = cli(*args, "--host", "127.0.0.1", "--port", str(port), cwd=tmp_path, timeout=60)
+    assert start.returncode != 0
+    assert start.stderr.count("is not a file: the server moves it to the quarantine") == 1
+    last = start.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"stable-diffusion-rest-api: error: cannot listen on 127.0.0.1:{port}")
+
+
+def test_recovery_failure_that_is_no_permission_gives_its_own_fix(tmp_path: Path) -> None:
+    output = tmp_path / "output"
+    queue = output / ".queue"
+    output.mkdir()
+    queue.symlink_to(output / "loop")
+    (output / "loop").symlink_to(queue)
+    args = ["--demo", "--no-warm-start", "--output", str(output), "--host", "127.0.0.1"]
+    start = cli(*args, "--port", str(free_port()), cwd=tmp_path, timeout=60)
+    assert start.returncode != 0
+    assert "Traceback" not in start.stderr
+    assert start.stderr.strip().splitlines()[-1] == (
+        "stable-diffusion-rest-api: error: cannot recover the unfinished jobs in the output "
+        f"folder {output}: {queue}: its symbolic links form a loop; "
+        f"fix: correct or remove the link {queue}, or pass --output"
+    )
 
 
 def test_start_up_warns_about_a_truncated_checkpoint(make_server, tmp_path: Path) -> None:

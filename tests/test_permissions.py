@@ -91,8 +91,9 @@ class World:
         path.chmod(mode)
         return path
 
-    def args(self, **overrides: Path) -> list[str]:
-        paths = {
+    def paths(self) -> dict[str, Path]:
+        """Each path option and the working path the world gives it."""
+        return {
             "repository": self.repo,
             "python": self.python,
             "text-to-image-model": self.models["text-to-image"],
@@ -100,6 +101,11 @@ class World:
             "cert": self.cert,
             "key": self.key,
             "output": self.output,
+        }
+
+    def args(self, **overrides: Path) -> list[str]:
+        paths = {
+            **self.paths(),
             **{name.replace("_", "-"): path for name, path in overrides.items()},
         }
         # The stub interpreter runs no script: a warm-up would only fail (and say so).
@@ -107,6 +113,19 @@ class World:
         for flag, path in paths.items():
             args += [f"--{flag}", str(path)]
         return args
+
+    def copy_into(self, folder: Path, flag: str) -> Path:
+        """A copy in `folder` of the working path `flag` names; for the output folder only
+        its path (the server makes it)."""
+        source = self.paths()[flag]
+        copy = folder / source.name
+        if flag == "output":
+            return copy
+        if source.is_dir():
+            shutil.copytree(source, copy)
+        else:
+            shutil.copy2(source, copy)
+        return copy
 
     def run(self, args: list[str]) -> subprocess.CompletedProcess[str]:
         try:
@@ -147,6 +166,12 @@ def assert_check_fails(world: World, args: list[str], item: str, expected: str) 
     assert f"FAIL  {item:<21} {expected}" in checked.stdout.splitlines()
 
 
+def assert_fails_alike(world: World, args: list[str], item: str, expected: str) -> None:
+    """A start stops with `expected` as its one line, and --check fails `item` with it."""
+    assert_start_fails(world, args, expected)
+    assert_check_fails(world, args, item, expected)
+
+
 def test_the_world_works_for_nobody(world: World) -> None:
     """The baseline every other test breaks one part of: nobody's start gets past every
     start-up check (and stops only at a port nobody may not take)."""
@@ -157,14 +182,52 @@ def test_the_world_works_for_nobody(world: World) -> None:
     assert output.strip().splitlines() == [ERROR + refused]
 
 
-def test_repository_in_a_folder_nobody_may_not_enter(world: World) -> None:
-    repo = fork_tree(world.locked / "repo")
+# (option, its --check item, how the messages name it, the fix beside opening the folder).
+# A checkpoint out of reach is not a warning, as a missing one is: every job of its endpoints
+# would fail.
+IN_A_CLOSED_FOLDER = [
+    ("repository", "repository", "the Stable Diffusion repository", "pass --repository"),
+    ("python", "interpreter", "the scripts' Python interpreter", "check --python"),
+    *(
+        (f"{model}-model", f"{model} model", f"{model} model checkpoint", f"pass --{model}-model")
+        for model in ("text-to-image", "inpaint-image")
+    ),
+    ("cert", "certificate", "SSL certificate", "pass --cert"),
+    ("key", "certificate", "SSL certificate key", "pass --key"),
+    ("output", "output folder", "the output folder", "pass --output"),
+]
+
+
+@pytest.mark.parametrize(
+    ("flag", "item", "words", "otherwise"),
+    IN_A_CLOSED_FOLDER,
+    ids=[row[0] for row in IN_A_CLOSED_FOLDER],
+)
+def test_in_a_folder_nobody_may_not_enter(
+    world: World, flag: str, item: str, words: str, otherwise: str
+) -> None:
+    path = world.copy_into(world.locked, flag)
     expected = (
-        f"the Stable Diffusion repository {repo} is out of reach: {WHO} may not enter the "
-        f"folder {world.locked}; fix: chmod a+x {world.locked}, or pass --repository"
+        f"{words} {path} is out of reach: {WHO} may not enter the folder {world.locked}; "
+        f"fix: chmod a+x {world.locked}, or {otherwise}"
     )
-    assert_start_fails(world, world.args(repository=repo), expected)
-    assert_check_fails(world, world.args(repository=repo), "repository", expected)
+    assert_fails_alike(world, world.args(**{flag: path}), item, expected)
+
+
+def test_through_a_link_into_a_folder_nobody_may_not_enter(world: World) -> None:
+    """The closed folder is the one the link leads into, not the link: `chmod a+x` on the
+    link would change the venv it points to and leave the closed folder closed."""
+    venv = world.locked / "venv"
+    (venv / "bin").mkdir(parents=True)
+    shutil.copy2(world.python, venv / "bin" / "python")
+    link = world.root / "venv"
+    link.symlink_to(venv)
+    python = link / "bin" / "python"
+    expected = (
+        f"the scripts' Python interpreter {python} is out of reach: {WHO} may not enter the "
+        f"folder {world.locked}; fix: chmod a+x {world.locked}, or check --python"
+    )
+    assert_fails_alike(world, world.args(python=python), "interpreter", expected)
 
 
 def test_repository_nobody_may_not_read(world: World) -> None:
@@ -173,8 +236,7 @@ def test_repository_nobody_may_not_read(world: World) -> None:
         f"the Stable Diffusion repository {world.repo} is not readable by {WHO}; "
         f"fix: chown -R nobody {world.repo}, or pass --repository"
     )
-    assert_start_fails(world, world.args(), expected)
-    assert_check_fails(world, world.args(), "repository", expected)
+    assert_fails_alike(world, world.args(), "repository", expected)
 
 
 def test_a_script_nobody_may_not_read(world: World) -> None:
@@ -183,32 +245,7 @@ def test_a_script_nobody_may_not_read(world: World) -> None:
         f"{world.repo}: scripts/img2img.py is not readable by {WHO}; "
         f"fix: chown -R nobody {world.repo}, or pass --repository"
     )
-    assert_start_fails(world, world.args(), expected)
-    assert_check_fails(world, world.args(), "scripts", expected)
-
-
-def test_interpreter_in_a_folder_nobody_may_not_enter(world: World) -> None:
-    python = world.locked / "python"
-    shutil.copy2(world.python, python)
-    expected = (
-        f"the scripts' Python interpreter {python} is out of reach: {WHO} may not enter the "
-        f"folder {world.locked}; fix: chmod a+x {world.locked}, or check --python"
-    )
-    assert_start_fails(world, world.args(python=python), expected)
-    assert_check_fails(world, world.args(python=python), "interpreter", expected)
-
-
-@pytest.mark.parametrize("model", ["text-to-image", "inpaint-image"])
-def test_checkpoint_in_a_folder_nobody_may_not_enter(world: World, model: str) -> None:
-    checkpoint = shutil.copy2(world.models[model], world.locked / "model.ckpt")
-    args = world.args(**{f"{model}-model": Path(checkpoint)})
-    expected = (
-        f"{model} model checkpoint {checkpoint} is out of reach: {WHO} may not enter the "
-        f"folder {world.locked}; fix: chmod a+x {world.locked}, or pass --{model}-model"
-    )
-    # Not a warning, as a missing checkpoint is: every job of its endpoints would fail.
-    assert_start_fails(world, args, expected)
-    assert_check_fails(world, args, f"{model} model", expected)
+    assert_fails_alike(world, world.args(), "scripts", expected)
 
 
 @pytest.mark.parametrize("model", ["text-to-image", "inpaint-image"])
@@ -218,60 +255,37 @@ def test_checkpoint_nobody_may_not_read(world: World, model: str) -> None:
         f"{model} model checkpoint {world.models[model]} is not readable by {WHO}; "
         f"fix: chown nobody {world.models[model]}, or pass --{model}-model"
     )
-    assert_start_fails(world, world.args(), expected)
-    assert_check_fails(world, world.args(), f"{model} model", expected)
+    assert_fails_alike(world, world.args(), f"{model} model", expected)
 
 
 def test_certificate_nobody_may_not_read(world: World) -> None:
     world.cert.chmod(0o600)
     expected = (
-        f"SSL certificate {world.cert} is not readable: Permission denied; "
-        f"fix: let {WHO} read it: chown nobody {world.cert}, or pass --cert"
+        f"SSL certificate {world.cert} is not readable by {WHO}; "
+        f"fix: chown nobody {world.cert}, or pass --cert"
     )
-    assert_start_fails(world, world.args(), expected)
-    assert_check_fails(world, world.args(), "certificate", expected)
+    assert_fails_alike(world, world.args(), "certificate", expected)
 
 
-def test_key_in_a_folder_nobody_may_not_enter(world: World) -> None:
-    key = Path(shutil.copy2(world.key, world.locked / "key.pem"))
+def test_output_folder_nobody_may_not_write(world: World) -> None:
+    world.output.chmod(0o755)
     expected = (
-        f"SSL certificate key {key} is out of reach: {WHO} may not enter the folder "
-        f"{world.locked}; fix: chmod a+x {world.locked}, or pass --key"
+        f"the output folder {world.output} is not writable by {WHO}; "
+        f"fix: chown -R nobody {world.output}, or pass --output"
     )
-    assert_start_fails(world, world.args(key=key), expected)
-    assert_check_fails(world, world.args(key=key), "certificate", expected)
+    assert_fails_alike(world, world.args(), "output folder", expected)
 
 
-def test_key_that_is_a_loop_of_links(world: World) -> None:
-    key = world.root / "loop.pem"
-    key.symlink_to(world.root / "loop2.pem")
-    (world.root / "loop2.pem").symlink_to(key)
+def test_output_folder_nobody_may_not_make(world: World) -> None:
+    """Not yet there, in a folder nobody may not write: a start and --check say the same.
+    The fix gives nobody the output folder only, not the folder above it (that may be /)."""
+    output = world.root / "new" / "output"
     expected = (
-        f"SSL certificate key {key} is out of reach: its symbolic links form a loop; "
-        f"fix: correct or remove the link {key}, or pass --key"
+        f"the output folder {output} cannot be created: {world.root} is not writable by "
+        f"{WHO}; fix: mkdir -p {output} && chown nobody {output}, or pass --output"
     )
-    assert_start_fails(world, world.args(key=key), expected)
-    assert_check_fails(world, world.args(key=key), "certificate", expected)
-
-
-def test_output_folder_in_a_folder_nobody_may_not_enter(world: World) -> None:
-    output = world.locked / "output"
-    expected = (
-        f"the output folder {output} is out of reach: {WHO} may not enter the folder "
-        f"{world.locked}; fix: chmod a+x {world.locked}, or pass --output"
-    )
-    assert_start_fails(world, world.args(output=output), expected)
-    assert_check_fails(world, world.args(output=output), "output folder", expected)
-
-
-def test_output_folder_under_a_file(world: World) -> None:
-    output = world.cert / "output"
-    expected = (
-        f"the output folder {output} is out of reach: {world.cert} is a file, not a folder; "
-        "fix: pass --output"
-    )
-    assert_start_fails(world, world.args(output=output), expected)
-    assert_check_fails(world, world.args(output=output), "output folder", expected)
+    assert_fails_alike(world, world.args(output=output), "output folder", expected)
+    assert not (world.root / "new").exists()
 
 
 def test_output_folder_holding_a_folder_of_another_user(world: World) -> None:
@@ -280,8 +294,7 @@ def test_output_folder_holding_a_folder_of_another_user(world: World) -> None:
         f"the output folder {world.output} holds {queue}, which {WHO} may not change (made "
         f"by another user?); fix: chown -R nobody {world.output}, or pass --output"
     )
-    assert_start_fails(world, world.args(), expected)
-    assert_check_fails(world, world.args(), "output folder", expected)
+    assert_fails_alike(world, world.args(), "output folder", expected)
 
 
 def test_job_index_nobody_may_neither_open_nor_replace(world: World) -> None:
@@ -295,8 +308,7 @@ def test_job_index_nobody_may_neither_open_nor_replace(world: World) -> None:
         "it either; fix: delete it (the server makes it again from the job folders), "
         f"or chown nobody {index}"
     )
-    assert_start_fails(world, world.args(), expected)
-    assert_check_fails(world, world.args(), "job index", expected)
+    assert_fails_alike(world, world.args(), "job index", expected)
 
 
 def test_job_index_that_is_a_folder_nobody_may_not_move(world: World) -> None:
@@ -308,8 +320,23 @@ def test_job_index_that_is_a_folder_nobody_may_not_move(world: World) -> None:
         f"the job index {index} is not a file, and {WHO} may not move it out of the way; "
         f"fix: rm -r {index} (the server makes it again from the job folders)"
     )
-    assert_start_fails(world, world.args(), expected)
-    assert_check_fails(world, world.args(), "job index", expected)
+    assert_fails_alike(world, world.args(), "job index", expected)
+
+
+def test_job_index_that_is_a_link_nobody_may_not_move(world: World) -> None:
+    """A link to a file nobody may use is no index to the server, which never opens one
+    through a link but moves the link away: in a sticky folder nobody may not move root's."""
+    world.output.chmod(0o1777)
+    usable = world.root / "elsewhere.sqlite3"
+    usable.write_bytes(b"")
+    usable.chmod(0o666)
+    index = world.output / ".index.sqlite3"
+    index.symlink_to(usable)
+    expected = (
+        f"the job index {index} is not a file, and {WHO} may not move it out of the way; "
+        f"fix: rm -r {index} (the server makes it again from the job folders)"
+    )
+    assert_fails_alike(world, world.args(), "job index", expected)
 
 
 def test_unfinished_job_nobody_may_not_read(world: World) -> None:

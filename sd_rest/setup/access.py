@@ -21,22 +21,31 @@ class Problem:
     fix: str  # "chmod a+x /srv/locked"; empty when there is no command to give
 
 
-def user() -> str:
-    """`user <name>`: the account whose permissions count (the effective one)."""
+def _name() -> str | int:
+    """The account whose permissions count (the effective one): its name, or its uid when
+    it has none (a container's user); chown takes either."""
     uid = os.geteuid()
     try:
-        return f"user {pwd.getpwuid(uid).pw_name}"
+        return pwd.getpwuid(uid).pw_name
     except KeyError:
-        return f"uid {uid}"
+        return uid
+
+
+def user() -> str:
+    """`user <name>` (or `uid <n>`): that account, as the messages name it."""
+    name = _name()
+    return f"uid {name}" if isinstance(name, int) else f"user {name}"
 
 
 def closed_folder(path: Path) -> Path | None:
     """The first folder on the way to `path` that this process may not enter (search), or
-    None. The way as written is tried first, then the one its links lead to."""
-    ways = [path.absolute()]
-    real = Path(os.path.realpath(path))
-    if real != ways[0]:
-        ways.append(real)
+    None. The way its links lead to is tried first: through a link into a closed folder the
+    link itself only seems closed, and `chmod` on it would change its target. Then the way as
+    written (realpath stops resolving at a folder it may not enter)."""
+    ways = [Path(os.path.realpath(path))]
+    written = path.absolute()
+    if written != ways[0]:
+        ways.append(written)
     for way in ways:
         for folder in reversed(way.parents):
             if not os.access(folder, os.X_OK):
@@ -86,8 +95,7 @@ def readable_fix(path: Path, folder: bool = False) -> str:
 
 def owner_fix(path: Path, folder: bool = True) -> str:
     """Giving `path` (and, for a folder, everything in it) to this user."""
-    name = user().split(" ", 1)[1]
-    return f"chown {'-R ' if folder else ''}{name} {path}"
+    return f"chown {'-R ' if folder else ''}{_name()} {path}"
 
 
 def reach(path: Path) -> Problem | None:
@@ -106,7 +114,13 @@ def output_problem(output: Path, doing: str, error: OSError) -> str:
     `doing` says what it was for ("recover the unfinished jobs")."""
     path = Path(error.filename) if error.filename else output
     problem = explain(path, error)
+    if error.errno in (errno.EACCES, errno.EPERM):
+        # Files of the output that this user may not change: most often made by another one.
+        fix = f"{owner_fix(output)} (made by another user?)"
+    else:
+        # A read-only or failing disk, a loop of links ...: no owner to change.
+        fix = problem.fix or "check the disk"
     return (
         f"cannot {doing} in the output folder {output}: {path}: {problem.reason}; "
-        f"fix: {owner_fix(output)} (made by another user?), or pass --output"
+        f"fix: {fix}, or pass --output"
     )

@@ -79,34 +79,49 @@ def _fail(item: str, detail: str, fix: str) -> Result:
 
 def _out_of_reach(item: str, what: str, path: Path, otherwise: str) -> Result | None:
     """A failure when `path` cannot even be looked up (a folder on the way this user may not
-    enter, a loop of links ...): `what` names it, `otherwise` is the fix beside opening it."""
+    enter, a loop of links ...): `what` names it ("SSL certificate ./cert.pem"), `otherwise`
+    is the fix beside opening it."""
     problem = access.reach(path)
     if problem is None:
         return None
     fix = f"{problem.fix}, or {otherwise}" if problem.fix else otherwise
-    return _fail(item, f"{what} {path} is out of reach: {problem.reason}", fix)
+    return _fail(item, f"{what} is out of reach: {problem.reason}", fix)
+
+
+def _unreadable(
+    item: str, what: str, path: Path, otherwise: str, whole: Path | None = None
+) -> Result | None:
+    """A failure when `path` is out of reach, or is there but this user may not read it (a
+    folder: list and enter); None when it is readable or not there (its own check says so).
+    The fix opens `whole` when given (the repository, for one of its scripts: the rest of it
+    is alike)."""
+    blocked = _out_of_reach(item, what, path, otherwise)
+    if blocked is not None:
+        return blocked
+    mode = os.R_OK | os.X_OK if path.is_dir() else os.R_OK
+    if not path.exists() or os.access(path, mode):
+        return None
+    opened = whole or path
+    return _fail(
+        item,
+        f"{what} is not readable by {access.user()}",
+        f"{access.readable_fix(opened, folder=opened.is_dir())}, or {otherwise}",
+    )
 
 
 # --- repository and interpreter -----------------------------------------------------------
 
 
 def repository(repo: Path) -> Result:
-    blocked = _out_of_reach(
-        "repository", "the Stable Diffusion repository", repo, "pass --repository"
-    )
-    if blocked is not None:
-        return blocked
+    what = f"the Stable Diffusion repository {repo}"
+    unreadable = _unreadable("repository", what, repo, "pass --repository")
+    if unreadable is not None:
+        return unreadable
     if not repo.is_dir():
         return _fail(
             "repository",
             f"Stable Diffusion repository not found at {repo}",
             "run scripts/setup.sh, or pass --repository (--demo needs none)",
-        )
-    if not os.access(repo, os.R_OK | os.X_OK):
-        return _fail(
-            "repository",
-            f"the Stable Diffusion repository {repo} is not readable by {access.user()}",
-            f"{access.readable_fix(repo, folder=True)}, or pass --repository",
         )
     return _ok("repository", str(repo))
 
@@ -114,17 +129,11 @@ def repository(repo: Path) -> Result:
 def _unreadable_part(repo: Path) -> Result | None:
     """A script or config of the repository that this user cannot read."""
     for name in (*(e.script for e in ENDPOINTS.values()), *CONFIGS):
-        path = repo / name
-        problem = access.reach(path)
-        if problem is not None:
-            fix = f"{problem.fix}, or pass --repository" if problem.fix else "pass --repository"
-            return _fail("scripts", f"{repo}: {name} is out of reach: {problem.reason}", fix)
-        if path.is_file() and not os.access(path, os.R_OK):
-            return _fail(
-                "scripts",
-                f"{repo}: {name} is not readable by {access.user()}",
-                f"{access.readable_fix(repo, folder=True)}, or pass --repository",
-            )
+        unreadable = _unreadable(
+            "scripts", f"{repo}: {name}", repo / name, "pass --repository", whole=repo
+        )
+        if unreadable is not None:
+            return unreadable
     return None
 
 
@@ -158,7 +167,8 @@ def interpreter(python: Path, explicit: bool) -> Result:
         if explicit
         else "create the fork's venv (scripts/setup.sh) or pass --python"
     )
-    blocked = _out_of_reach("interpreter", "the scripts' Python interpreter", python, fix)
+    what = f"the scripts' Python interpreter {python}"
+    blocked = _out_of_reach("interpreter", what, python, fix)
     if blocked is not None:
         return blocked
     if python.is_symlink() and not python.exists():
@@ -272,17 +282,8 @@ def device(name: str | None, platform: str) -> Result:
 def checkpoint_access(path: Path, model: str) -> Result | None:
     """A failure when the checkpoint is there (or may be) but this user cannot read it: the
     server stops at start for it, where a missing or damaged one is only a warning."""
-    item, flag = f"{model} model", f"--{model}-model"
-    blocked = _out_of_reach(item, f"{model} model checkpoint", path, f"pass {flag}")
-    if blocked is not None:
-        return blocked
-    if path.is_file() and not os.access(path, os.R_OK):
-        return _fail(
-            item,
-            f"{model} model checkpoint {path} is not readable by {access.user()}",
-            f"{access.readable_fix(path)}, or pass {flag}",
-        )
-    return None
+    what = f"{model} model checkpoint {path}"
+    return _unreadable(f"{model} model", what, path, f"pass --{model}-model")
 
 
 def checkpoint(path: Path, model: str, verify_sha256: bool = True) -> Result:
@@ -291,9 +292,15 @@ def checkpoint(path: Path, model: str, verify_sha256: bool = True) -> Result:
     unreadable = checkpoint_access(path, model)
     if unreadable is not None:
         return unreadable
+    return checkpoint_contents(path, model, verify_sha256)
+
+
+def checkpoint_contents(path: Path, model: str, verify_sha256: bool = True) -> Result:
+    """`checkpoint` once `checkpoint_access` has passed (start-up runs that one on its own:
+    it stops the start, where what this finds is only a warning)."""
     try:
         return _checkpoint_file(path, model, verify_sha256)
-    except OSError as exc:  # a read error after the open, or the checksum file
+    except OSError as exc:  # a read error (checkpoint_access passed), or the checksum file
         return _fail(
             f"{model} model",
             f"{model} model checkpoint {exc.filename or path} cannot be read: "
@@ -313,16 +320,10 @@ def _checkpoint_file(path: Path, model: str, verify_sha256: bool) -> Result:
         )
     if not path.is_file():
         return _fail(item, f"{model} model checkpoint {path} is not a file", f"pass {flag}")
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as file:
-            head = file.read(64)
-    except OSError as exc:
-        return _fail(
-            item,
-            f"{model} model checkpoint {path} is not readable: {exc.strerror}",
-            f"{access.readable_fix(path)}, or pass {flag}",
-        )
+    # Readable by this user (checkpoint_access): an error now is the disk's, said by the caller.
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        head = file.read(64)
     kind = checkpoint_format(head)
     not_one = f"{model} model checkpoint {path} is not a PyTorch checkpoint"
     if kind == "html":
@@ -403,18 +404,18 @@ def certificate(cert: str | Path, key: str | Path, now: datetime | None = None) 
     contents = {}
     for label, name, flag in (("certificate", cert, "--cert"), ("certificate key", key, "--key")):
         path = Path(name)
-        blocked = _out_of_reach(item, f"SSL {label}", path, f"pass {flag}")
-        if blocked is not None:
-            return blocked
+        unreadable = _unreadable(item, f"SSL {label} {name}", path, f"pass {flag}")
+        if unreadable is not None:
+            return unreadable
         if not path.is_file():
             return _fail(item, f"SSL {label} {name} not found", MAKE_CERTIFICATE)
         try:
             contents[label] = path.read_bytes()
-        except OSError as exc:
+        except OSError as exc:  # readable by this user (above): the disk's error
             return _fail(
                 item,
-                f"SSL {label} {name} is not readable: {exc.strerror}",
-                f"let {access.user()} read it: {access.readable_fix(path)}, or pass {flag}",
+                f"SSL {label} {name} cannot be read: {exc.strerror or exc}",
+                f"check the disk, or pass {flag}",
             )
     new_pair = f"pass the right --cert and --key, or make a new pair: {MAKE_CERTIFICATE}"
     try:
@@ -473,39 +474,25 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def output_folder(output: Path, create: bool) -> Result:
-    """Writable (a file is really made and removed). Without `create`, a folder that does not
-    exist yet passes when it could be made."""
+    """Writable (a file is really made and removed). A folder that does not exist yet passes
+    when it could be made, and with `create` is made: the same words for a start and --check."""
     item = "output folder"
-    blocked = _out_of_reach(item, "the output folder", output, "pass --output")
+    blocked = _out_of_reach(item, f"the output folder {output}", output, "pass --output")
     if blocked is not None:
         return blocked
-    if create:
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            return _fail(
-                item, f"cannot create the output folder {output}: {exc.strerror}", "pass --output"
-            )
     target = output if output.exists() else _existing_ancestor(output)
     if not target.is_dir():
         return _fail(item, f"the output folder {output}: {target} is not a folder", "pass --output")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".sd-rest-check-", dir=target)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if target == output:
+    unwritable = _unwritable(output, target)
+    if unwritable is not None:
+        return unwritable
+    if create:
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # what the probe could not foresee (a dangling link, a race)
             return _fail(
-                item,
-                f"the output folder {output} is not writable ({reason})",
-                "make it writable, or pass --output",
+                item, f"cannot create the output folder {output}: {exc.strerror}", "pass --output"
             )
-        return _fail(
-            item,
-            f"the output folder {output} cannot be created: {target} is not writable ({reason})",
-            "pass --output",
-        )
     foreign = _foreign_folder(output)
     if foreign is not None:
         return _fail(
@@ -515,6 +502,39 @@ def output_folder(output: Path, create: bool) -> Result:
             f"{access.owner_fix(output)}, or pass --output",
         )
     return _ok(item, f"{output}: writable" + ("" if output.exists() else " (made at start)"))
+
+
+def _write_error(folder: Path) -> OSError | None:
+    """Why this user cannot make a file in `folder` (one is really made and removed), or None."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sd-rest-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _unwritable(output: Path, target: Path) -> Result | None:
+    """A failure when this user cannot make a file in `target`: the output folder, or the
+    nearest folder above it that exists, where it would be made."""
+    error = _write_error(target)
+    if error is None:
+        return None
+    there = target == output
+    where = f"the output folder {output} " + (
+        "is not writable" if there else f"cannot be created: {target} is not writable"
+    )
+    if error.errno in (errno.EACCES, errno.EPERM):
+        # Not the folder above: it may be /srv, or /, and is not this user's to take. Only the
+        # output folder is, made by someone who may.
+        fix = access.owner_fix(output)
+        if not there:
+            fix = f"mkdir -p {output} && {access.owner_fix(output, folder=False)}"
+        return _fail("output folder", f"{where} by {access.user()}", f"{fix}, or pass --output")
+    # A read-only disk, say: no owner to change.
+    fix = "make it writable, or pass --output" if there else "pass --output"
+    return _fail("output folder", f"{where} ({error.strerror or error})", fix)
 
 
 def _foreign_folder(output: Path) -> Path | None:
@@ -533,11 +553,13 @@ def job_index(output: Path) -> Result:
     """The SQLite index of the jobs (index.py): derived data, made again from the job folders
     when it cannot be opened, so only what the server could neither open nor replace fails."""
     item = "job index"
-    index = Layout(output).index_file
+    layout = Layout(output)
+    index = layout.index_file
     remake = "delete it (the server makes it again from the job folders)"
-    for path in (index, Path(f"{index}-wal"), Path(f"{index}-shm")):
+    for path in layout.index_files:
         try:
-            info = path.stat()
+            # Not following a link, as the server does not: it moves any link out of the way.
+            info = os.lstat(path)
         except FileNotFoundError:
             continue
         except OSError as exc:
@@ -576,7 +598,8 @@ def job_index(output: Path) -> Result:
 
 
 def _replaceable(path: Path, info: os.stat_result) -> bool:
-    """Whether this user may delete `path` (and make a new one in its folder)."""
+    """Whether this user may delete `path` (and make a new one in its folder); `info` is its
+    own (lstat's), not a link's target's: the sticky bit asks who owns the link."""
     folder = path.parent
     if not os.access(folder, os.W_OK | os.X_OK):
         return False
