@@ -307,7 +307,7 @@ def test_an_oserror_at_each_write_never_strands_the_job(
             await until(lambda: not any(process_running(p) for p in pids), "its script to end")
         else:
             # The script ended inside its worker, which stays for the next job.
-            workers = await manager.workers()
+            workers = manager.workers()
             # None busy (none at all, if never begun; the warm-up of one is no job's).
             assert all(w["state"] in ("idle", "warming") for w in workers), workers
         if job.status is Status.COMPLETE:

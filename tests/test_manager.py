@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -21,22 +20,13 @@ from sd_rest.state import lifecycle
 from sd_rest.state.jobs import ImageRecord, Job, Status
 
 from helpers import FAST_SIMULATOR, process_running
-from inprocess import Recorder, settings, text_params, until
+from inprocess import Recorder, settings, stand_in_repository, text_params, until
 
 
 @pytest.fixture(autouse=True)
 def fast_simulator(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in FAST_SIMULATOR.items():
         monkeypatch.setenv(name, value)
-
-
-def stand_in_repository(root: Path, txt2img: str) -> Path:
-    """A repository whose txt2img.py is `txt2img` (the other scripts never run here)."""
-    scripts = root / "repo" / "scripts"
-    scripts.mkdir(parents=True)
-    for name in ("txt2img.py", "img2img.py", "inpaint.py"):
-        (scripts / name).write_text(textwrap.dedent(txt2img))
-    return root / "repo"
 
 
 async def started(manager: JobManager, job: Job, says: str = "") -> int:
@@ -97,7 +87,7 @@ def test_cancel_while_queued_and_while_running(tmp_path: Path, runner: str) -> N
             if runner == "process":
                 assert not process_running(pid)
             else:  # the script ended inside the worker, which serves on
-                (worker,) = await manager.workers()
+                (worker,) = manager.workers()
                 assert worker["state"] == "idle" and process_running(pid)
             assert len(running.images) == 1  # kept
             assert (await manager.cancel(running)).status is Status.CANCELED  # idempotent

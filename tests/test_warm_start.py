@@ -17,21 +17,13 @@ from sd_rest.jobs.manager import JobManager
 from sd_rest.state.jobs import Status
 
 from helpers import FAST_SIMULATOR, Server, check_finished_job, process_running, wait_until
-from inprocess import settings, text_params, until
+from inprocess import settings, started_pids, text_params, until
 
 
 @pytest.fixture(autouse=True)
 def fast_simulator(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in FAST_SIMULATOR.items():
         monkeypatch.setenv(name, value)
-
-
-def started_pids(manager: JobManager) -> dict[str, int | None]:
-    pids: dict[str, int | None] = {}
-    manager.events.listen(
-        lambda e: pids.setdefault(e.job.id, e.job.pid) if e.kind == "started" else None
-    )
-    return pids
 
 
 def test_the_first_job_finds_the_model_loaded_and_its_images_unchanged(
@@ -72,18 +64,15 @@ def test_a_worker_replaced_after_max_jobs_is_replaced_by_a_warm_one(tmp_path: Pa
         await until(lambda: first.status.finished, "job 1", timeout=30)
         assert first.status is Status.COMPLETE, first.error
 
-        async def warm_replacement() -> list[dict[str, Any]]:
+        def warm_replacement() -> list[dict[str, Any]]:
             return [
                 w
-                for w in await manager.workers()
+                for w in manager.workers()
                 if w["state"] == "idle" and w["pid"] != ran_under[first.id]
             ]
 
-        replacement: list[dict[str, Any]] = []
-        while not replacement:  # (until() takes a plain function)
-            replacement = await warm_replacement()
-            await asyncio.sleep(0.01)
-        (warm,) = replacement
+        await until(warm_replacement, "a warm replacement")
+        (warm,) = warm_replacement()
         # The warm-up is no job: the replacement is not itself retired after it.
         assert warm["jobs"] == 0 and warm["models"], warm
         second = await manager.submit("text-to-image", text_params(prompt="two"), {}, {})
@@ -104,12 +93,12 @@ def test_a_job_that_comes_during_the_warm_up_waits_for_that_worker(
         manager = JobManager(settings(tmp_path / "out"))
         await manager.start(manager.recover())
         ran_under = started_pids(manager)
-        (warming,) = await manager.workers()
+        (warming,) = manager.workers()
         assert warming["state"] == "warming"
         job = await manager.submit("text-to-image", text_params(), {}, {})
         await until(lambda: job.status.finished, "the job", timeout=30)
         assert job.status is Status.COMPLETE, job.error
-        (worker,) = await manager.workers()  # no second worker was started for it
+        (worker,) = manager.workers()  # no second worker was started for it
         assert worker["worker"] == warming["worker"] and worker["pid"] == ran_under[job.id]
         await manager.shutdown()
 
@@ -129,7 +118,7 @@ def test_a_job_canceled_while_it_waits_for_the_warm_up_ends_at_once(
         await manager.cancel(job)
         await until(lambda: job.status.finished, "the job to end")
         assert job.status is Status.CANCELED
-        (worker,) = await manager.workers()
+        (worker,) = manager.workers()
         assert worker["state"] == "warming", worker  # the cancel did not wait for it
         await manager.shutdown()
         assert worker["pid"] is None or not process_running(worker["pid"])

@@ -481,6 +481,96 @@ def test_a_missing_script_fails_as_python_does(
     assert worker.status()["busy"] is False
 
 
+def test_a_huge_error_is_capped_in_finished_and_whole_in_the_output(
+    start_worker: Callable[..., Worker], tmp_path: Path
+) -> None:
+    """The server reads lines of 1 MiB at most: an error in "finished" is cut to 2,000
+    characters; the traceback in the output (the job's log) is whole."""
+    script = tmp_path / "huge.py"
+    script.write_text('raise ValueError("a huge message: " + "x" * 200_000)\n')
+    finished = start_worker().run("huge", script, [], tmp_path)
+    assert (finished["outcome"], finished["exit_code"]) == ("error", 1)
+    error = finished["error"]
+    assert error.startswith("ValueError: a huge message: xxx") and len(error) < 2100, len(error)
+    assert error.endswith("more characters in the job's log]")
+    assert "x" * 200_000 in finished.text
+
+
+# Once the job has ended, a thread of its grows the worker by 256 MiB (kept) and says so.
+GROWS_AFTER_THE_JOB = """\
+import builtins, sys, threading, time
+def grow(done):
+    time.sleep(0.3)
+    builtins.sd_rest_test_ballast = b"\\x01" * (256 << 20)
+    open(done, "w").close()
+threading.Thread(target=grow, args=(sys.argv[1],), daemon=True).start()
+"""
+
+
+def test_heartbeats_reuse_the_rss_measured_after_each_job_for_a_minute(
+    start_worker: Callable[..., Worker], tmp_path: Path
+) -> None:
+    """Measuring RSS costs a `ps` on macOS: a heartbeat sends the figure measured after the
+    last job, measuring again only once it is a minute old; heartbeats keep their pace."""
+    worker = start_worker({"SD_REST_WORKER_HEARTBEAT": "0.1"})
+    grows, grown, idle = tmp_path / "grows.py", tmp_path / "grown", tmp_path / "idle.py"
+    grows.write_text(GROWS_AFTER_THE_JOB)
+    idle.write_text("")
+    assert worker.run("grows", grows, [str(grown)], tmp_path)["outcome"] == "ok"
+    deadline = time.monotonic() + 10
+    while not grown.exists():
+        assert time.monotonic() < deadline, "the script's thread never grew the worker"
+        time.sleep(0.01)
+    grown_rss = worker.status()["rss"]  # asked for: measured now
+    began = time.monotonic()
+    beats = []
+    while time.monotonic() - began < 6:  # past the 5 s a figure was kept before
+        beats.append(worker.wait_event(lambda e: e["event"] == "heartbeat", 5))
+    assert len(beats) >= 30  # still every 0.1 s
+    assert all(beat["rss"] < grown_rss - (128 << 20) for beat in beats), grown_rss
+    assert worker.run("idle", idle, [], tmp_path)["outcome"] == "ok"
+    # Measured again right after that job (a beat sent just before may have the old figure).
+    worker.wait_event(lambda e: e["event"] == "heartbeat" and e["rss"] > grown_rss - (64 << 20), 2)
+
+
+def test_a_status_that_cannot_be_read_after_a_good_job_keeps_the_worker(
+    start_worker: Callable[..., Worker], tmp_path: Path
+) -> None:
+    """The status sent after a job is not part of it: one that cannot be read (the script broke
+    what measuring RSS uses, here) used to be taken for a failure of the driver (exit 70)."""
+    breaks, mends = tmp_path / "breaks.py", tmp_path / "mends.py"
+    breaks.write_text(
+        "import builtins, os\nbuiltins.sd_rest_test_sysconf = os.sysconf\n"
+        "os.sysconf = lambda name: 1 / 0\n"
+    )
+    mends.write_text("import builtins, os\nos.sysconf = builtins.sd_rest_test_sysconf\n")
+    worker = start_worker()
+    assert worker.run("breaks", breaks, [], tmp_path)["outcome"] == "ok"
+    assert worker.run("mends", mends, [], tmp_path)["outcome"] == "ok"
+    status = worker.status()
+    assert (status["jobs"], status["rss"] > 0) == (2, True)
+
+
+def test_a_cancel_during_the_seeds_import_of_torch_interrupts_the_run(
+    start_worker: Callable[..., Worker], tmp_path: Path
+) -> None:
+    """A seeded run imports torch before the script, as a sitecustomize does for a run by hand;
+    an interrupt that comes during that import ends the run (it used to be ignored until the
+    server killed the worker a second later)."""
+    (tmp_path / "torch.py").write_text(
+        "import time\nprint('importing torch', flush=True)\ntime.sleep(5)\n"
+    )  # found first: the script's folder leads sys.path
+    script = tmp_path / "seeded.py"
+    script.write_text("print('the script ran')\n")
+    worker = start_worker()
+    finished = worker.run(
+        "seeded", script, [], tmp_path, 3, interrupt_when=re.compile(rb"importing torch")
+    )
+    assert finished["outcome"] == "interrupted" and "the script ran" not in finished.text
+    assert finished.cancel_latency is not None and finished.cancel_latency < 1.0
+    assert finished["recycle"] == "interrupted during an import"  # torch is half imported
+
+
 OLDEST_PYTHON = Path("/root/.pyenv/versions/3.8.18/bin/python")
 
 

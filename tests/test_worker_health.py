@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 import pytest
 
 from sd_rest.jobs.manager import JobManager
-from sd_rest.runs.runners import Runners
 from sd_rest.state.jobs import Status
 
 from helpers import (
@@ -29,7 +27,14 @@ from helpers import (
     process_running,
     wait_until,
 )
-from inprocess import settings, text_params, until
+from inprocess import (
+    BUSY_THEN_WRITES,
+    settings,
+    stand_in_repository,
+    started_pids,
+    text_params,
+    until,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -77,14 +82,12 @@ def test_the_workers_listing_never_asks_a_worker(tmp_path: Path) -> None:
     async def scenario() -> None:
         manager = JobManager(settings(tmp_path / "out"))
         await manager.start(manager.recover())
-        assert isinstance(manager.runners, Runners) and manager.runners.pool is not None
-        pool = manager.runners.pool
-        await until(lambda: [w["state"] for w in pool.describe()] == ["idle"], "a warm worker")
-        (worker,) = pool.describe()
+        await until(lambda: [w["state"] for w in manager.workers()] == ["idle"], "a warm worker")
+        (worker,) = manager.workers()
         os.kill(worker["pid"], signal.SIGSTOP)
         try:
             await asyncio.sleep(0.3)
-            (stopped,) = pool.describe()  # not a coroutine: it cannot wait on the worker
+            (stopped,) = manager.workers()  # not a coroutine: it cannot wait on the worker
             assert stopped["state"] == "idle" and stopped["rss"] > 1_000_000, stopped
             assert stopped["silent"] >= 0.3 and stopped["models"], stopped
         finally:
@@ -100,19 +103,16 @@ def test_an_idle_worker_that_dies_is_listed_gone_and_replaced_before_a_job_needs
     async def scenario() -> None:
         manager = JobManager(settings(tmp_path / "out"))
         await manager.start(manager.recover())
-        ran_under: dict[str, int | None] = {}
-        manager.events.listen(
-            lambda e: ran_under.setdefault(e.job.id, e.job.pid) if e.kind == "started" else None
-        )
+        ran_under = started_pids(manager)
         await until(lambda: _idle(manager), "a warm worker")
-        (first,) = await manager.workers()
+        (first,) = manager.workers()
         pid = first["pid"]
         os.kill(pid, signal.SIGKILL)
         await until(lambda: _listed_as(manager, pid, "gone"), "the dead worker listed as gone")
-        (gone,) = [w for w in await manager.workers() if w["pid"] == pid]
+        (gone,) = [w for w in manager.workers() if w["pid"] == pid]
         assert "SIGKILL" in gone["ended"] and gone["rss"] is None, gone
         await until(lambda: _idle(manager, not_pid=pid), "its replacement, warm, with no job")
-        (replacement,) = [w for w in await manager.workers() if w["state"] == "idle"]
+        (replacement,) = [w for w in manager.workers() if w["state"] == "idle"]
         assert replacement["models"], replacement  # it has loaded the model already
         job = await manager.submit("text-to-image", text_params(), {}, {})
         await until(lambda: job.status.finished, "the job", timeout=30)
@@ -123,53 +123,24 @@ def test_an_idle_worker_that_dies_is_listed_gone_and_replaced_before_a_job_needs
     asyncio.run(scenario())
 
 
-def _pool_listing(manager: JobManager) -> list[dict[str, Any]]:
-    assert isinstance(manager.runners, Runners) and manager.runners.pool is not None
-    return manager.runners.pool.describe()
-
-
 def _idle(manager: JobManager, not_pid: int | None = None) -> bool:
-    return any(w["state"] == "idle" and w["pid"] != not_pid for w in _pool_listing(manager))
+    return any(w["state"] == "idle" and w["pid"] != not_pid for w in manager.workers())
 
 
 def _listed_as(manager: JobManager, pid: int, state: str) -> bool:
-    return any(w["pid"] == pid and w["state"] == state for w in _pool_listing(manager))
-
-
-# Busy in Python for 3 s, past a 1 s limit, then writes its image: the heartbeat comes from a
-# thread of its own, not from the script's progress.
-BUSY_THEN_WRITES = """\
-    import os, sys, time, zlib, struct
-    end = time.monotonic() + 3
-    while time.monotonic() < end:
-        sum(range(1000))
-    out = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--outdir="))
-    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-    def chunk(kind, data):
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-    png = (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(b"\\0\\0")) + chunk(b"IEND", b""))
-    with open(os.path.join(out, "samples", "00000.png"), "wb") as f:
-        f.write(png)
-"""
+    return any(w["pid"] == pid and w["state"] == state for w in manager.workers())
 
 
 def test_a_script_silent_for_longer_than_the_limit_is_not_killed(tmp_path: Path) -> None:
     async def scenario() -> None:
-        scripts = tmp_path / "repo" / "scripts"
-        scripts.mkdir(parents=True)
-        for name in ("txt2img.py", "img2img.py", "inpaint.py"):
-            (scripts / name).write_text(textwrap.dedent(BUSY_THEN_WRITES))
-        config = settings(
-            tmp_path / "out", repository=tmp_path / "repo", worker_timeout=1.0, warm_start=False
-        )
+        repo = stand_in_repository(tmp_path, BUSY_THEN_WRITES)
+        config = settings(tmp_path / "out", repository=repo, worker_timeout=1.0, warm_start=False)
         manager = JobManager(config)
         await manager.start(manager.recover())
         job = await manager.submit("text-to-image", text_params(), {}, {})
         await until(lambda: job.status.finished, "the job", timeout=30)
         assert job.status is Status.COMPLETE, job.error
-        (worker,) = await manager.workers()
+        (worker,) = manager.workers()
         assert worker["state"] == "idle" and process_running(worker["pid"])
         await manager.shutdown()
 

@@ -121,7 +121,7 @@ async def index(request: web.Request) -> web.Response:
         "running": manager.running,
         "queued": manager.queue.waiting,
         "runner": manager.settings.runner,
-        "workers": await manager.workers(),
+        "workers": manager.workers(),
     }
     return json_response(json.dumps(doc).encode())
 

@@ -161,6 +161,7 @@ class JobManager:
     def running(self) -> int:
         return len(self.runs)
 
-    async def workers(self) -> list[dict[str, Any]]:
-        """Each resident worker's state (idle or busy, model, jobs served, RSS)."""
-        return await self.runners.describe() if isinstance(self.runners, Runners) else []
+    def workers(self) -> list[dict[str, Any]]:
+        """Each resident worker's state (idle or busy, model, jobs served, RSS): from what the
+        server knows, never waiting on a worker."""
+        return self.runners.describe() if isinstance(self.runners, Runners) else []

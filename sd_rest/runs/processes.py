@@ -56,18 +56,6 @@ def is_running(pid: int) -> bool:
     return bool(state) and not state.startswith("Z")
 
 
-def rss_of(pid: int) -> int | None:
-    """Resident memory of a process in bytes; None when it is gone."""
-    if _proc_available():
-        try:
-            resident = (PROC / str(pid) / "statm").read_text().split()[1]
-        except (OSError, IndexError):
-            return None
-        return int(resident) * os.sysconf("SC_PAGE_SIZE")
-    kib = _ps(pid, "rss=")
-    return int(kib) * 1024 if kib and kib.isdigit() else None
-
-
 def _ps(pid: int, *columns: str) -> str | None:
     # -ww: never cut a line to the width of a terminal, or of COLUMNS when it is set (procps
     # does): the markers end_orphan looks for are at the end of long command lines.

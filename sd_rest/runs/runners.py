@@ -22,7 +22,6 @@ class Runners:
     def __init__(self, settings: Settings, store: JobStore) -> None:
         self.settings = settings
         self.store = store
-        self.kind = settings.runner
         self.pool = WorkerPool(settings) if settings.runner == RESIDENT else None
 
     def __call__(self, job: Job, sink: RunSink) -> Runner:
@@ -35,7 +34,7 @@ class Runners:
         if self.pool is not None:
             self.pool.start()
 
-    async def describe(self) -> list[dict[str, Any]]:
+    def describe(self) -> list[dict[str, Any]]:
         """The workers' states, for `GET /` (none without resident workers); never waits on
         a worker."""
         return self.pool.describe() if self.pool is not None else []
@@ -45,4 +44,3 @@ class Runners:
         if self.pool is not None:
             await self.pool.close()
         await pty_process.closed()
-

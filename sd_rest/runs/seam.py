@@ -16,7 +16,6 @@ from typing import Final, Protocol
 from sd_rest.state.jobs import ImageRecord, Job
 
 RESIDENT: Final = "resident"
-PROCESS: Final = "process"
 
 
 class RunSink(Protocol):

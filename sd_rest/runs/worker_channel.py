@@ -23,6 +23,9 @@ SOCKET_ENV: Final = "SD_REST_WORKER_SOCKET"
 TOKEN_ENV: Final = "SD_REST_WORKER_TOKEN"
 HEARTBEAT_ENV: Final = "SD_REST_WORKER_HEARTBEAT"
 READY_TIMEOUT: Final = 60.0  # the driver connects before importing anything heavy
+# The longest line read from a worker: its errors are capped at 2,000 characters and its
+# heartbeats are small, so only a broken driver comes near it (asyncio's default is 64 KiB).
+LINE_LIMIT: Final = 1 << 20
 
 
 class NotReady(Exception):
@@ -59,7 +62,7 @@ class Rendezvous:
         connect and say it in time, or says it without our token."""
         try:
             connection = await asyncio.wait_for(self._accept(exited), READY_TIMEOUT)
-            reader, writer = await asyncio.open_connection(sock=connection)
+            reader, writer = await asyncio.open_connection(sock=connection, limit=LINE_LIMIT)
             ready = json.loads(await asyncio.wait_for(reader.readline(), READY_TIMEOUT))
         except (asyncio.TimeoutError, OSError, ValueError) as exc:
             raise NotReady(f"the worker did not start: {exc or type(exc).__name__}") from exc
@@ -118,8 +121,12 @@ class Channel:
         while True:
             try:
                 line = await self._reader.readline()
-            except (OSError, ValueError):
+            except OSError:
                 line = b""
+            except ValueError:  # a line over LINE_LIMIT: the worker broke the protocol
+                log.error("worker %d sent a line over %d bytes: ending it", self.number, LINE_LIMIT)
+                self.close()  # the worker leaves at its channel's end: its run dies at once
+                return
             if not line:
                 return
             now = time.monotonic()

@@ -37,11 +37,11 @@ def how_it_ended(worker: Worker) -> str:
     return worker.ended.describe() if worker.ended is not None else "unknown"
 
 
-def listing(worker: Worker) -> dict[str, Any]:
-    """What `GET /` shows of a worker."""
+def listing(worker: Worker, warming: bool) -> dict[str, Any]:
+    """What `GET /` shows of a worker; `warming`: it runs its warm-up (worker_pool.py)."""
     if worker.gone:
         state = "gone"
-    elif worker.warming:
+    elif warming:
         state = "warming"
     else:
         state = "busy" if worker.busy else "idle"

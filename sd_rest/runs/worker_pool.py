@@ -9,9 +9,9 @@ idleness is not replaced: giving its memory back is the point. A warm-up that fa
 tried again until a job has succeeded (a script that fails at every start must not loop).
 
 A worker sends a heartbeat every few seconds from a thread of its own; one silent for longer
-than `--worker-timeout` (hung, or stopped) is killed: its job is resumed in a fresh worker as
-after a crash. A worker that dies unasked is listed as gone in `GET /` for a while (what `GET /`
-shows of the workers is in worker_listing.py).
+than `--worker-timeout` (stopped, or hung holding the interpreter lock) is killed: its job is
+resumed in a fresh worker as after a crash. A worker that dies unasked is listed as gone in
+`GET /` for a while (what `GET /` shows of the workers is in worker_listing.py).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class WorkerPool:
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._retire_idle()), loop.create_task(self._hung())]
 
-    async def acquire(self, abandon: asyncio.Event | None = None) -> Worker | None:
+    async def acquire(self, abandon: asyncio.Event) -> Worker | None:
         """A live idle worker, the one warming up once it is warm, or a new one (WorkerError
         if it cannot start). None if `abandon` is set while waiting for the warm one."""
         self._watch()
@@ -128,7 +128,6 @@ class WorkerPool:
         if not self.settings.text_to_image_model.is_file():
             return  # its jobs get 503 until it exists: nothing to load
         worker = self._warm = self._new()  # listed as warming from now on
-        worker.warming = True
         self._warming = asyncio.get_running_loop().create_task(self._warm_up(worker, after))
 
     async def _warm_up(self, worker: Worker, after: asyncio.Task[None] | None) -> None:
@@ -144,7 +143,6 @@ class WorkerPool:
             log.warning("no warm worker: %s", exc)
             self._warm_failed = True
         finally:
-            worker.warming = False
             self._warm = None
             self._warming = None
             self._settle_warm(worker)
@@ -201,7 +199,7 @@ class WorkerPool:
     def describe(self) -> list[dict[str, Any]]:
         """Each worker's state from what the pool knows (see `listing`): never waits."""
         workers = {*self._live(), *self._gone.recent()}
-        return [listing(w) for w in sorted(workers, key=lambda w: w.number)]
+        return [listing(w, w is self._warm) for w in sorted(workers, key=lambda w: w.number)]
 
     async def close(self) -> None:
         """At shutdown: every worker ended (busy ones were interrupted by their runners)."""
@@ -221,11 +219,8 @@ class WorkerPool:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-async def _warm_or_abandoned(warming: asyncio.Task[None], abandon: asyncio.Event | None) -> bool:
+async def _warm_or_abandoned(warming: asyncio.Task[None], abandon: asyncio.Event) -> bool:
     """Wait for the warm-up to end: True, or False if `abandon` is set first."""
-    if abandon is None:
-        await asyncio.wait({warming})
-        return True
     waiting = asyncio.ensure_future(abandon.wait())
     try:
         await asyncio.wait({warming, waiting}, return_when=asyncio.FIRST_COMPLETED)

@@ -46,22 +46,17 @@ class WorkerError(Exception):
 
 
 class Worker:
-    def __init__(
-        self, settings: Settings, number: int, on_exit: Callable[[Worker], None] | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, number: int, on_exit: Callable[[Worker], None]) -> None:
         self.settings = settings
         self.number = number
         self.pid: int | None = None
         self.jobs = 0
-        self.started_at = time.time()
         self.last_used = time.monotonic()
         self.channel: Channel | None = None  # once it is ready
         self.model: dict[str, Any] | None = None  # the last job's cache report
         self.last_outcome: str | None = None  # the last job's
-        self.warming = False  # running its warm-up (worker_pool.py)
         self.closing = False  # the pool asked it to end: its exit is expected
         self.silenced: float | None = None  # killed after this many seconds of silence
-        self.ended: ScriptExit | None = None
         self.retire: str | None = None  # set: replace this worker once it is free
         self._on_exit = on_exit
         self._process: PtyProcess | None = None
@@ -81,6 +76,11 @@ class Worker:
     def gone(self) -> bool:
         """Its process was started and has ended."""
         return self._exited is not None and self._exited.done()
+
+    @property
+    def ended(self) -> ScriptExit | None:
+        """How its process ended, once it has."""
+        return self._exited.result() if self._exited is not None and self._exited.done() else None
 
     # --- start ------------------------------------------------------------------------
 
@@ -134,7 +134,12 @@ class Worker:
         run = self._run = WorkerRun.begin(job, on_output, on_started)
         self.last_used = time.monotonic()
         try:
-            self._send(run.request(script, argv, cwd, seed))
+            # A worker that died since it was acquired has its channel closed: its run is
+            # settled as died (and retried), by its pty watcher, or here if that saw no run.
+            with contextlib.suppress(OSError):
+                self._send(run.request(script, argv, cwd, seed))
+            if self.ended is not None:
+                run.died(self.ended, self.silenced)
             finished = await run.account()
         finally:
             run.flush()
@@ -218,7 +223,6 @@ class Worker:
         assert self._process is not None and self._exited is not None
         await self._process.stream(self._on_pty)
         ended = await self._process.wait()
-        self.ended = ended
         run = self._run
         if run is not None:
             run.flush()
@@ -228,8 +232,7 @@ class Worker:
             run.died(ended, self.silenced)
         if self.channel is not None:
             self.channel.close()
-        if self._on_exit is not None:
-            self._on_exit(self)
+        self._on_exit(self)
 
     def _on_pty(self, data: bytes) -> None:
         run = self._run

@@ -44,7 +44,8 @@ worker -> server
         exception that went through an import, which can leave a package half imported). A
         cancelled job may still end "error" (libraries can turn the KeyboardInterrupt into
         their own exception) or even "ok" (an interrupt that lands in a __del__ is swallowed):
-        the server knows it cancelled.
+        the server knows it cancelled. error: at most 2,000 characters (and a note of how many
+        more are in the job's log), here and in "fatal": the server reads lines of 1 MiB at most.
   {"event":"status","pid":int,"rss":bytes|null,"busy":bool,"job":ID|null,"jobs":n,
    "models":[{"config":sha,"checkpoint":path|null,"generator":mode|null,"params":n,
               "generator_words":n|null,"generator_check_s":float|null,
@@ -55,8 +56,9 @@ worker -> server
         it fell back to "rebuild" (e.g. "no TorchDispatchMode": an old or stand-in torch).
   {"event":"heartbeat", ...the fields of "status"}
         every SD_REST_WORKER_HEARTBEAT seconds from its own thread, busy or idle, from "ready"
-        on, whatever the script does (rss at most 5 s old): the server kills a worker silent
-        for longer than its limit (hung, or stopped) and shows the last one in `GET /`.
+        on, whatever the script does (rss measured after each job, else at most a minute
+        old): the server kills a worker silent for longer than its limit (stopped, or hung
+        holding the interpreter lock) and shows the last one in `GET /`.
   {"event":"check","ok":bool,"detail":str}                                  reply to "check"
   {"event":"error","error":str}                                             a bad request
   {"event":"fatal","job":ID,"error":str}     the driver itself failed; it exits (status 70) next

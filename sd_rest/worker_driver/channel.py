@@ -9,6 +9,17 @@ from typing import Any, Dict, Iterator
 
 Message = Dict[str, Any]
 
+# Characters of an error text a message carries: the server reads a line of at most 1 MiB, and
+# the full text (a script's exception message may be huge) is in the job's log anyway.
+MAX_ERROR = 2000
+
+
+def capped(text: str | None) -> str | None:
+    """`text`, cut to MAX_ERROR characters, saying so."""
+    if text is None or len(text) <= MAX_ERROR:
+        return text
+    return f"{text[:MAX_ERROR]}... [{len(text) - MAX_ERROR} more characters in the job's log]"
+
 
 class Channel:
     def __init__(self, sock: socket.socket) -> None:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import threading
+import time
 from typing import Any
 
 FULL_COLLECT_EVERY = 20  # jobs
+# Seconds a heartbeat's RSS may be old between jobs: on macOS each measurement runs `ps` (no
+# /proc), forked from a process that may hold gigabytes, and the figure is only for `GET /`.
+RSS_EVERY = 60.0
 
 _jobs_since_full_collection = 0
 
@@ -73,3 +78,28 @@ def resident_set_size() -> int | None:
         return int(out.stdout.strip()) * 1024
     except (OSError, ValueError):
         return None
+
+
+class LastRss:
+    """The last RSS measured (after each job), shared by the threads that send it: the
+    heartbeats reuse it, measuring again once it is RSS_EVERY seconds old."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value: int | None = None
+        self._measured = float("-inf")
+
+    def measure(self) -> int | None:
+        value = resident_set_size()
+        with self._lock:
+            self._value, self._measured = value, time.monotonic()
+        return value
+
+    def recent(self) -> int | None:
+        with self._lock:
+            if time.monotonic() - self._measured < RSS_EVERY:
+                return self._value
+        return self.measure()
+
+
+RSS = LastRss()

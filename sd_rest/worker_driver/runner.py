@@ -19,6 +19,7 @@ import warnings
 from typing import Any, Callable, Dict
 
 from .caches import CACHES
+from .channel import capped
 from .memory import collect_garbage, release_device_memory
 
 Send = Callable[[Dict[str, Any]], None]
@@ -250,13 +251,13 @@ def _seed_torch(seed: Any) -> None:
 
 def _run_script(script: str, seed: Any = None) -> Ending:
     """runpy the script as __main__ (torch seeded first when `seed` is given); SIGINT
-    interrupts it only while it runs."""
+    interrupts it, and the seeding's import of torch, only while they run."""
     half_before = half_imported()  # before the seeding: its import of torch may break too
-    if seed is not None:
-        _seed_torch(seed)
     try:
-        STATE.in_script = True
+        STATE.in_script = True  # from the seeding on: a cancel may come during its import
         try:
+            if seed is not None:
+                _seed_torch(seed)
             runpy.run_path(script, run_name="__main__")
         finally:
             STATE.in_script = False
@@ -300,7 +301,7 @@ def _missing_script(job_id: Any, script: str, marker: Any, send: Send) -> None:
         os.write(1, str(marker).encode())
     send({
         "event": "finished", "job": job_id, "outcome": "error", "exit_code": 2,
-        "error": f"no such script: {script}", "oom": False, "recycle": None, "seconds": 0.0,
+        "error": capped(f"no such script: {script}"), "oom": False, "recycle": None, "seconds": 0.0,
         "cache": None,
     })  # fmt: skip
 
@@ -331,7 +332,7 @@ def run_job(message: dict[str, Any], send: Send) -> None:
         _end_run(ending, saved, message.get("marker"))
     send({
         "event": "finished", "job": job_id, "outcome": ending.outcome,
-        "exit_code": ending.exit_code, "error": ending.error, "oom": ending.oom,
+        "exit_code": ending.exit_code, "error": capped(ending.error), "oom": ending.oom,
         "recycle": ending.recycle, "seconds": round(time.perf_counter() - started, 3),
         "cache": cache.report(),
     })  # fmt: skip

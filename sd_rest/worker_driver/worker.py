@@ -4,8 +4,10 @@ The main thread runs jobs (and "check", "exit") one at a time from a queue; a re
 reads the socket, answers "status" at once (even mid-job), starts "prepare" in the background,
 and ends the process when the server's end closes; a heartbeat thread sends the status every
 few seconds, whatever the script does, so that the server can tell a worker that is alive from
-one that hangs or was stopped (a thread of its own: a script's long C call may hold the GIL, but
-the interpreter still switches to the heartbeat between calls; a stopped process sends nothing).
+one that was stopped or hangs holding the interpreter lock (a thread of its own: a script's long
+C call may hold the GIL, but the interpreter still switches to the heartbeat between calls; a
+stopped process sends nothing). A script deadlocked in a wait that releases the lock (a lock, a
+queue, a read) leaves the heartbeat beating: that hang is not seen.
 """
 
 from __future__ import annotations
@@ -23,19 +25,17 @@ from typing import Any, Callable, NoReturn
 
 from . import HEARTBEAT_ENV, SOCKET_ENV, TOKEN_ENV, VERSION, hooks
 from .caches import CACHES, check_resident, resident_summary
-from .channel import Channel
+from .channel import Channel, capped
 from .generator import state_bytes
-from .memory import resident_set_size
+from .memory import RSS, resident_set_size
 from .runner import STATE, on_sigint, run_job
 
 EXIT_USAGE = 2  # no socket to connect to
 EXIT_DRIVER_FAILED = 70  # EX_SOFTWARE: the driver itself failed ("fatal")
 DEFAULT_HEARTBEAT = 2.0  # seconds between heartbeats when the server does not say
-RSS_EVERY = 5.0  # seconds a heartbeat's RSS may be old (on macOS it costs a `ps`)
 
 
-def status(event: str = "status", rss: int | None = None) -> dict[str, Any]:
-    rss = resident_set_size() if rss is None else rss
+def status(event: str, rss: int | None) -> dict[str, Any]:
     return {
         "event": event, "pid": os.getpid(), "rss": rss, "busy": STATE.busy,
         "job": STATE.job, "jobs": STATE.jobs, "models": resident_summary(),
@@ -53,13 +53,10 @@ def _heartbeat_interval(text: str) -> float:
 
 def _beat(channel: Channel, interval: float) -> None:
     """The heartbeat thread: the status, every `interval` seconds, until the channel breaks
-    (the reader thread then ends the process)."""
-    rss, measured = None, float("-inf")
+    (the reader thread then ends the process). Its RSS is the last measured (memory.RSS_EVERY)."""
     while True:
         try:
-            if rss is None or time.monotonic() - measured >= RSS_EVERY:
-                rss, measured = resident_set_size(), time.monotonic()
-            channel.send(status("heartbeat", rss))
+            channel.send(status("heartbeat", RSS.recent()))
         except OSError:
             return
         except Exception:
@@ -122,7 +119,7 @@ def _dispatch(line: bytes, channel: Channel, enqueue: Callable[[dict[str, Any]],
         channel.send({"event": "error", "error": f"bad message: {exc}"})
         return
     if op == "status":
-        channel.send(status())
+        channel.send(status("status", resident_set_size()))  # asked for: measured now
     elif op == "prepare":
         threading.Thread(target=prepare, args=(message,), daemon=True).start()
     elif op in ("run", "exit", "check"):
@@ -150,7 +147,6 @@ def _serve(channel: Channel, work: queue.Queue[dict[str, Any]]) -> None:
 def _run(channel: Channel, message: dict[str, Any]) -> None:
     try:
         run_job(message, channel.send)
-        channel.send(status("heartbeat"))  # what the job left resident, without waiting a beat
     except KeyboardInterrupt:  # landed in the driver between runs: nothing to undo
         pass
     except Exception as exc:
@@ -158,9 +154,18 @@ def _run(channel: Channel, message: dict[str, Any]) -> None:
         # so and leave; the server replaces the worker (and retries the job).
         traceback.print_exc()
         try:
-            channel.send({"event": "fatal", "job": message.get("job"), "error": repr(exc)})
+            channel.send({"event": "fatal", "job": message.get("job"), "error": capped(repr(exc))})
         finally:
             _leave(EXIT_DRIVER_FAILED)
+    _after_job(channel)
+
+
+def _after_job(channel: Channel) -> None:
+    """What the job left resident (its RSS measured afresh), without waiting a beat. A status
+    that cannot be read is no failure of the job's or the driver's (the next beat tries again);
+    a broken channel is the reader thread's to see."""
+    with contextlib.suppress(Exception):
+        channel.send(status("heartbeat", RSS.measure()))
 
 
 def main() -> int:
