@@ -385,6 +385,18 @@ class Client:
             time.sleep(0.005)
         raise RuntimeError(f"{url} did not reach {sorted(statuses)} within {timeout} s")
 
+    def wait_warm(self, timeout: float = 60.0) -> None:
+        """Until no resident worker is warming up (GET /'s `workers`): a measure of jobs starts
+        where a user's first job would after the server had warmed up. The warm-up is a script
+        run too, and what it writes to the simulator's event log would be taken for a job's."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            workers = self.get_json("/")["workers"]
+            if all(worker["state"] == "idle" for worker in workers):
+                return
+            time.sleep(0.01)
+        raise RuntimeError(f"the workers did not warm up within {timeout} s")
+
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()

@@ -137,7 +137,8 @@ def measure(workdir: Path, cert: tuple[Path, Path], sizes: Sizes) -> list[Result
         )
         assert poller.stdin is not None and poller.stdout is not None
         client = Client(server.port)
-        offset = 0
+        client.wait_warm()
+        offset = event_log.stat().st_size if event_log.exists() else 0  # past the warm-up's
         try:
             for job in range(sizes.lag_jobs):
                 url = client.submit(

@@ -108,9 +108,10 @@ def measure_lag(workdir: Path, cert: tuple[Path, Path], sizes: Sizes) -> list[Re
     env = simulator_env(LOAD_SECONDS, STEP_SECONDS, {"SD_SIM_EVENT_LOG": str(event_log)})
     step_lags: list[float] = []
     image_lags: list[float] = []
-    offset = 0
     with ServerProcess(workdir / "output", cert, env).start() as server:
         client = Client(server.port)
+        client.wait_warm()
+        offset = event_log.stat().st_size if event_log.exists() else 0  # past the warm-up's
         try:
             for job in range(sizes.lag_jobs):
                 url = client.submit(
