@@ -9,6 +9,8 @@ from hypothesis import settings
 
 from helpers import Server, end_all
 from realfork import RealFork, build, kit_folder, skip_reason
+from redisserver import RedisServer
+from redisserver import skip_reason as redis_skip_reason
 
 # The same examples on every run and every machine: a failure seen once is seen again, and a
 # pass means the same thing each time (by default Hypothesis draws new examples on each run
@@ -82,3 +84,21 @@ def real_fork() -> RealFork:
     if kit is None:
         pytest.skip(skip_reason())
     return build(kit)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for the session (with a password); skips, saying why, without one."""
+    reason = redis_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, emptied for this test."""
+    redis_server.flush()
+    return redis_server.url

@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "sd_rest"
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
-PACKAGES = ("api", "setup", "jobs", "runs", "state", "images")
+PACKAGES = ("api", "setup", "jobs", "runs", "cluster", "state", "images", "workerhost")
 MAX_CLASS_LINES = 200
 MAX_TOP_MODULES = 12
 

@@ -1,0 +1,42 @@
+"""The names of everything sd-rest keeps in Redis: one place, so the API node and the worker
+hosts cannot disagree. Everything is under `sd-rest:` (Dramatiq's own keys under
+`sd-rest-queue:`); one API node per Redis database."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+PREFIX: Final = "sd-rest"
+DRAMATIQ_NAMESPACE: Final = "sd-rest-queue"
+ACTOR: Final = "sd_rest_job"  # the one Dramatiq actor: run a job
+GROUP: Final = "api"  # the API node's consumer group on every job stream
+CANCEL_CHANNEL: Final = f"{PREFIX}:cancel"  # PUBLISH "<endpoint>:<id>"
+WORKERS: Final = f"{PREFIX}:workers"  # a set of worker ids; each one's record below
+MAX_DEATHS: Final = 3  # deliveries of one job whose worker died before it is FAILED
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def job(endpoint: str, id_: str) -> str:
+    """A job's hash: its queue, `made` (images sent so far), `done` (images the API node has
+    kept), the current `attempt` and its `worker`, `deliveries`, `canceled`, `enqueued`."""
+    return f"{PREFIX}:job:{endpoint}:{id_}"
+
+
+def stream(endpoint: str, id_: str) -> str:
+    """A job's report stream: started, progress, image, end (entries.py)."""
+    return f"{PREFIX}:stream:{endpoint}:{id_}"
+
+
+def worker(worker_id: str) -> str:
+    """A worker's record (JSON), kept alive by its heartbeat (expires after the timeout)."""
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+def queue_for(name: str, sha256: str | None) -> str:
+    """The Dramatiq queue of the jobs that need a checkpoint: by its SHA-256 when the API node
+    knows it (it has the file), else by its file name."""
+    if sha256:
+        return f"sha-{sha256[:32]}"
+    return f"name-{_SAFE.sub('_', name)[:100]}"
