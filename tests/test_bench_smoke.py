@@ -17,6 +17,7 @@ from bench.common import Client
 from bench.get_throughput import parse_wrk, run_python
 from helpers import ROOT, free_port
 from realfork import RealFork
+from redisserver import skip_reason as redis_skip_reason
 
 WRK_OUTPUT = """\
 Running 1s test @ https://127.0.0.1:19002/x
@@ -39,8 +40,9 @@ Transfer/sec:      3.30MB
 
 def test_quick_run_takes_every_measure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    # The resident measure needs the real fork's kit: its own test, in the real_fork group.
-    everything_else = [name for name in MEASURES if name != "resident"]
+    # The resident measure needs the real fork's kit: its own test, in the real_fork group; the
+    # cluster's needs redis-server: its own test too, skipped without one.
+    everything_else = [name for name in MEASURES if name not in ("resident", "cluster")]
     only = ",".join(everything_else)
     run = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--json", str(out), "--only", only],
@@ -84,6 +86,26 @@ def test_quick_resident_measure_on_the_real_fork(tmp_path: Path, real_fork: Real
     for words in ("wall time", "first resident job", "worker RSS", "generator in step"):
         assert words in names
     assert not any(r["figure"].startswith(("error", "skipped")) for r in results), results
+
+
+def test_quick_cluster_measure(tmp_path: Path) -> None:
+    reason = redis_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "cluster", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = json.loads(out.read_text())["results"]
+    names = " ".join(result["measure"] for result in results)
+    for words in ("throughput", "POST → started", "progress step", "1 MB PNG", "RSS"):
+        assert words in names
+    assert not any(r["figure"].startswith("error") for r in results), results
 
 
 def test_python_load_generator_counts_answers(tmp_path: Path, certs: tuple[str, str, str]) -> None:

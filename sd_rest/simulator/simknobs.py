@@ -28,6 +28,7 @@ class Knobs:
     exit_at_step: tuple[int, int] | None = None  # (step, status): a silent exit
     kill_at_step: int | None = None  # SIGKILL to itself, as an out-of-memory killer does
     write_seconds: float = 0.0
+    png_bytes: int = 0  # each PNG padded to at least this size (a private chunk): transport tests
     argv_log: str | None = None
     event_log: str | None = None
 
@@ -51,6 +52,7 @@ class Knobs:
             exit_at_step=(int(step), int(status or 3)) if exit_at else None,
             kill_at_step=int(kill) if kill else None,
             write_seconds=seconds("SD_SIM_WRITE_SECONDS", cls.write_seconds),
+            png_bytes=int(environ.get("SD_SIM_PNG_BYTES", "0") or 0),
             argv_log=environ.get("SD_SIM_ARGV_LOG") or None,
             event_log=environ.get("SD_SIM_EVENT_LOG") or None,
         )

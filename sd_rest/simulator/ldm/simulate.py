@@ -15,9 +15,11 @@ import io
 import os
 import random
 import signal
+import struct
 import sys
 import sysconfig
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -320,9 +322,21 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def padded(data: bytes, size: int) -> bytes:
+    """`data` with a private ancillary chunk (`siPd`, which every reader skips) before IEND
+    making it at least `size` bytes: a photo-sized file from a placeholder picture."""
+    missing = size - len(data)
+    if missing <= 0:
+        return data
+    body = b"\0" * max(missing - 12, 0)
+    chunk = struct.pack(">I", len(body)) + b"siPd" + body
+    chunk += struct.pack(">I", zlib.crc32(b"siPd" + body) & 0xFFFFFFFF)
+    return data[:-12] + chunk + data[-12:]
+
+
 def save_png(image: Image.Image, path: str, run: Run) -> None:
     """Written in place like PIL's save, optionally slowly so half-written files can be seen."""
-    data = encode_png(image)
+    data = padded(encode_png(image), run.knobs.png_bytes)
     pause = run.knobs.write_seconds
     with open(path, "wb") as out:
         if pause <= 0:
