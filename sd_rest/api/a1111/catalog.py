@@ -33,6 +33,18 @@ UPSCALERS: Final = [
     {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}
 ]
 
+PREFIX: Final = "/sdapi/v1"
+# The lists clients read at connect: path under PREFIX -> the answer.
+GET_LISTS: Final[dict[str, Any]] = {
+    "/scripts": {"txt2img": [], "img2img": []},
+    "/upscalers": UPSCALERS,
+    "/latent-upscale-modes": [],
+    "/schedulers": SCHEDULERS,
+    "/sd-vae": [],
+    "/loras": [],
+    "/samplers": SAMPLERS,
+}
+
 
 @dataclass(frozen=True)
 class Model:

@@ -18,6 +18,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from sd_rest.api.a1111 import catalog
+from sd_rest.api.a1111.catalog import GET_LISTS, PREFIX
 from sd_rest.api.a1111.errors import DialectError, failure
 from sd_rest.api.a1111.info import build_info
 from sd_rest.api.a1111.request import IMG2IMG, TXT2IMG, Spec, parse_body, read_fields
@@ -36,20 +37,9 @@ from sd_rest.state.layout import Key
 
 log = logging.getLogger(__name__)
 
-PREFIX: Final = "/sdapi/v1"
 # The jobs this dialect's callers submitted: the ones `interrupt` and `skip` end.
 DIALECT_JOBS = web.AppKey("a1111_jobs", set)
 _WAIT_SLICE: Final = 30.0  # seconds between two looks at a job that sends no event
-
-GET_LISTS: Final[dict[str, Any]] = {
-    "/scripts": {"txt2img": [], "img2img": []},
-    "/upscalers": catalog.UPSCALERS,
-    "/latent-upscale-modes": [],
-    "/schedulers": catalog.SCHEDULERS,
-    "/sd-vae": [],
-    "/loras": [],
-    "/samplers": catalog.SAMPLERS,
-}
 
 
 def dialect(handler: Handler) -> Handler:
