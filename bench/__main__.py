@@ -1,7 +1,7 @@
 """`python -m bench`: run the benchmarks and print a table (Markdown, so it can be pasted).
 
 Options: --quick (tiny sizes: the smoke test's), --only NAME[,NAME] (post, get, lag, overhead,
-restart, connections, eventlag, streams, listing, stalled), --load-generator auto|wrk|python,
+restart, connections, eventlag, streams, listing, stalled, a1111), --load-generator auto|wrk|python,
 --json PATH (every figure, machine-readable), --workdir DIR (kept afterwards; default: a
 temporary folder, removed).
 Exit status 1 if a measure could not be taken; a missed target is reported, not an error.
@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import (
+    a1111,
     connections,
     get_throughput,
     lag,
@@ -47,6 +48,7 @@ MEASURES: dict[str, Measure] = {
     "streams": lambda w, c, s, o: streams.measure_fanout(w, c, s, o.load_generator),
     "listing": lambda w, c, s, _o: listing.measure(w, c, s),
     "stalled": lambda w, c, s, _o: stalled.measure(w, c, s),
+    "a1111": lambda w, c, s, _o: a1111.measure(w, c, s),
 }
 
 

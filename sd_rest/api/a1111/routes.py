@@ -133,8 +133,14 @@ async def _generate(request: web.Request, fields: dict[str, Any], plan: Plan) ->
         job.started_at or job.created_at,
     )
     images = encoded if fields.get("send_images", True) else []
-    body = {"images": images, "parameters": fields, "info": json.dumps(info)}
-    return web.json_response(body)
+    doc = {"images": images, "parameters": fields, "info": json.dumps(info)}
+    # Megabytes of base64 for a batch: serialised in the thread too, off the event loop.
+    body = await loop.run_in_executor(None, _dumps, doc)
+    return web.Response(body=body, content_type="application/json")
+
+
+def _dumps(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc).encode()
 
 
 async def _finished(manager: JobManager, job: Job) -> None:
