@@ -1,7 +1,7 @@
 """`python -m bench`: run the benchmarks and print a table (Markdown, so it can be pasted).
 
 Options: --quick (tiny sizes: the smoke test's), --only NAME[,NAME] (post, get, lag, overhead,
-restart, connections, eventlag, streams, listing, stalled,
+restart, connections, eventlag, streams, listing, stalled, a1111,
 cluster: needs redis-server and the cluster extra), --load-generator auto|wrk|python,
 --json PATH (every figure, machine-readable), --workdir DIR (kept afterwards; default: a
 temporary folder, removed).
@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import (
+    a1111,
     cluster,
     connections,
     get_throughput,
@@ -49,6 +50,7 @@ MEASURES: dict[str, Measure] = {
     "streams": lambda w, c, s, o: streams.measure_fanout(w, c, s, o.load_generator),
     "listing": lambda w, c, s, _o: listing.measure(w, c, s),
     "stalled": lambda w, c, s, _o: stalled.measure(w, c, s),
+    "a1111": lambda w, c, s, _o: a1111.measure(w, c, s),
     "cluster": lambda w, c, s, _o: cluster.measure(w, c, s),
 }
 

@@ -52,6 +52,8 @@ class Sizes:
     stalled_jobs: int = 150  # queued jobs with long prompts: the snapshot they are sent
     stalled_ping: float = 15.0  # SD_REST_STREAM_PING of that measure (the default)
     listing_pages: int = 200  # pages of each kind timed
+    a1111_jobs: int = 40  # one-image jobs each way through /sdapi/v1/txt2img and our API
+    a1111_seconds: float = 5.0  # status GETs timed, quiet and while batches are encoded
 
 
 FULL = Sizes()
@@ -78,6 +80,8 @@ QUICK = Sizes(
     listing_pages=10,
     resident_jobs=1,
     resident_more=1,
+    a1111_jobs=2,
+    a1111_seconds=0.5,
 )
 
 

@@ -95,6 +95,12 @@ HELP_ROWS = [
         "Free space kept on the output disk: jobs that would eat into it get 507",
         "1G",
     ),
+    HelpRow(
+        "--http-port",
+        "Also serve the API over plain HTTP on this port (AUTOMATIC1111 clients)",
+        None,
+    ),
+    HelpRow("--http-host", "Interface for --http-port", "127.0.0.1"),
     HelpRow("--demo", "Run against the bundled simulator: no GPU or model needed", "false"),
     HelpRow("--check", "Check that everything the server needs is in place, then exit", "false"),
     HelpRow("-v, --version", "Displays current version", None),
@@ -149,6 +155,8 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 @click.option("--warm-start/--no-warm-start", default=True)
 @click.option("--max-connections", default=DEFAULT_MAX_CONNECTIONS, type=click.IntRange(1, 100_000))
 @click.option("--min-free-space", default="1G")
+@click.option("--http-port", default=None, type=click.IntRange(0, 65535))
+@click.option("--http-host", default=None)
 @click.option("--demo", is_flag=True, default=False)
 @click.option("--check", "check_only", is_flag=True, default=False)
 @click.option("-v", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version)
@@ -173,6 +181,8 @@ def main(
     warm_start: bool,
     max_connections: int,
     min_free_space: str,
+    http_port: int | None,
+    http_host: str | None,
     demo: bool,
     check_only: bool,
 ) -> None:
@@ -251,11 +261,38 @@ def main(
             "this server (set --api-key or %s)",
             API_KEY_ENV,
         )
-    run_server(settings, host, port, context, delete_incomplete)
+    run_server(
+        settings, host, port, context, delete_incomplete, _http(http_port, http_host, api_key)
+    )
+
+
+def _http(port: int | None, host: str | None, api_key: str | None) -> tuple[str, int] | None:
+    """--http-port: plain HTTP, for the AUTOMATIC1111 clients that expect it; on the loopback
+    interface unless --http-host names another, which is worth a warning without a key."""
+    if port is None:
+        if host is not None:
+            raise StartupError("--http-host needs --http-port")
+        return None
+    if host is not None and host not in LOOPBACK and not api_key:
+        log.warning(
+            "serving plain HTTP on %s without an API key: anyone who reaches it can use this "
+            "server, and nothing it sends is encrypted (set --api-key or %s)",
+            host,
+            API_KEY_ENV,
+        )
+    return (host or "127.0.0.1", port)
+
+
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def run_server(
-    settings: Settings, host: str, port: int, context: ssl.SSLContext, delete_incomplete: bool
+    settings: Settings,
+    host: str,
+    port: int,
+    context: ssl.SSLContext,
+    delete_incomplete: bool,
+    http: tuple[str, int] | None = None,
 ) -> None:
     # Imported here so that --help and --version do not load aiohttp and the rest.
     from sd_rest.jobs.manager import JobManager
@@ -279,7 +316,7 @@ def run_server(
         )
 
     try:
-        asyncio.run(serve(manager, host, port, context, on_ready=ready))
+        asyncio.run(serve(manager, host, port, context, on_ready=ready, http=http))
     except StartFailed as exc:
         raise StartupError(str(exc)) from exc
 

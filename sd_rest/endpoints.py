@@ -34,6 +34,9 @@ class Endpoint(ABC):
     files: tuple[str, ...] = ()  # required uploads
     # Names of other endpoints' fields a client may send here by mistake, and why not here.
     refused: Mapping[str, str] = field(default_factory=dict)
+    # Fields added after jobs were stored: left out of the parameters at their default, so
+    # that a request without them keeps the job id it always had (the id hashes them).
+    later: frozenset[str] = frozenset()
 
     def total_images(self, params: Params) -> int:
         """iterations × batchSize; an endpoint without them makes one image."""
@@ -138,7 +141,8 @@ _SIZE_FROM_IMAGE: Final = "the size comes from the uploaded image"
 @dataclass(frozen=True)
 class TextToImage(SamplingEndpoint):
     def own_arguments(self, params: Params, inputs: Path) -> list[str]:
-        return [f"--H={params['height']}", f"--W={params['width']}"]
+        plms = ["--plms"] if params.get("plms") else []
+        return [f"--H={params['height']}", f"--W={params['width']}", *plms]
 
 
 @dataclass(frozen=True)
@@ -206,7 +210,9 @@ ENDPOINTS: Final[dict[str, Endpoint]] = {
                 "height": 512,
                 "guidanceScale": 7.5,
                 "eta": 0.0,
+                "plms": 0,
             },
+            later=frozenset({"plms"}),
         ),
         ImageToImage(
             name=IMAGE_TO_IMAGE,

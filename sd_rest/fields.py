@@ -113,6 +113,13 @@ FIELDS: Final[dict[str, Field]] = {
         ),
         NumberField("eta", float, 0.0, MAX_ETA, "DDIM eta (--ddim_eta); 0 is deterministic."),
         NumberField(
+            "plms",
+            int,
+            0,
+            1,
+            "1: sample with PLMS (txt2img.py's --plms) instead of DDIM; eta must then be 0.",
+        ),
+        NumberField(
             "strength",
             float,
             0.0,

@@ -32,8 +32,10 @@ async def serve(
     port: int,
     context: ssl.SSLContext,
     on_ready: Callable[[str], None] | None = None,
+    http: tuple[str, int] | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM, then stop taking jobs, end running scripts, exit."""
+    """Serve until SIGINT/SIGTERM, then stop taking jobs, end running scripts, exit. `http`:
+    (host, port) where the same app is also served over plain HTTP (--http-port)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -50,27 +52,28 @@ async def serve(
     await runner.setup()
     # Recovered jobs are queued before the first request can add one: submission order holds.
     await manager.start(unfinished)
-    listener = Listener(
-        protocol_factory(runner, manager.settings.limits),
-        context,
-        host,
-        port,
-        manager.settings.max_connections,
-    )
+    factory = protocol_factory(runner, manager.settings.limits)
+    listeners = [Listener(factory, context, host, port, manager.settings.max_connections)]
+    if http is not None:
+        listeners.append(Listener(factory, None, *http, manager.settings.max_connections))
     # What start-up made (modules, the app, the OpenAPI document, recovered jobs) lives as long
     # as the server: out of the collector's sight, a full collection no longer walks it while a
     # request waits (bench `post`: p99).
     gc.collect()
     gc.freeze()
     try:
-        await _listen(listener, host, port)
+        for listener in listeners:
+            await _listen(listener, listener.host, listener.port)
         if on_ready is not None:
             on_ready(f"https://{host}:{port}")
+            if http is not None:
+                on_ready(f"http://{http[0]}:{http[1]}")
         await stop.wait()
         log.info("stopping: no new jobs; ending running scripts")
         manager.stop_taking()
-        await listener.stop()
     finally:
+        for listener in listeners:  # also those started before another failed to
+            await listener.stop()
         # Also when listening failed: scripts already started for recovered jobs must end.
         await manager.shutdown()
         await runner.cleanup()

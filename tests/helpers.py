@@ -454,3 +454,36 @@ def _complete(data: bytes) -> bool:
         if name.strip().lower() == b"content-length":
             return len(rest) >= int(value)
     return False
+
+
+# --- plain HTTP (--http-port), as AUTOMATIC1111's clients speak it -------------------------
+
+
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    doc: Any = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Response:
+    """One request over plain HTTP to 127.0.0.1:`port`, a JSON body when `doc` is given."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    body = None if doc is None else json.dumps(doc).encode()
+    sent = dict(headers or {})
+    if body is not None:
+        sent.setdefault("Content-Type", "application/json")
+    try:
+        conn.request(method, path, body=body, headers=sent)
+        resp = conn.getresponse()
+        return Response(resp.status, {k: v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+def start_with_http(make_server: Any, args: list[str] | None = None, **kwargs: Any) -> Server:
+    """A demo server also serving plain HTTP (--http-port); its `http_port` attribute."""
+    port = free_port()
+    server = make_server(args=[*(args or []), "--http-port", str(port)], **kwargs)
+    server.http_port = port  # type: ignore[attr-defined]
+    return server

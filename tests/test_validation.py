@@ -45,9 +45,24 @@ def refusal(endpoint: str, *fields: tuple[str, object], files: list[str] | None 
 @pytest.mark.parametrize("endpoint", list(ENDPOINTS))
 def test_defaults_are_applied_with_exactly_the_endpoint_keys(endpoint: str) -> None:
     params = validate(endpoint)
-    expected = {k: v for k, v in ENDPOINTS[endpoint].defaults.items() if v is not None}
+    spec = ENDPOINTS[endpoint]
+    # A field added later (Endpoint.later) is left out at its default: ids stay the same.
+    expected = {
+        k: v for k, v in spec.defaults.items() if v is not None and k not in spec.later
+    }
     assert params == {**expected, **dict(PROMPT.get(endpoint, []))}
-    assert list(params) == list(ENDPOINTS[endpoint].defaults)
+    assert list(params) == [name for name in spec.defaults if name not in spec.later]
+
+
+def test_plms_is_kept_only_when_asked_for_and_refuses_an_eta() -> None:
+    assert "plms" not in validate("text-to-image", ("plms", "0"))
+    assert validate("text-to-image", ("plms", "1"))["plms"] == 1
+    with pytest.raises(ApiError) as caught:
+        validate("text-to-image", ("plms", "1"), ("eta", "0.5"))
+    assert caught.value.field == "eta" and "plms" in caught.value.message
+    with pytest.raises(ApiError) as caught:
+        validate("image-to-image", ("plms", "1"), files=["image"])
+    assert caught.value.code == "unknown_field"
 
 
 def test_text_to_image_defaults_match_the_original() -> None:

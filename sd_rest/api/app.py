@@ -10,6 +10,7 @@ our own (ApiProtocol, built for each connection by `protocol_factory`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import logging
@@ -21,6 +22,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from sd_rest.api.a1111.routes import add_dialect_routes
 from sd_rest.api.bodies import MAX_BODY_BYTES, first_line
 from sd_rest.api.common import (
     COMMON_HEADERS,
@@ -144,10 +146,25 @@ def bearer_token(value: str) -> str:
     return token.lstrip(" ")
 
 
+def basic_password(value: str) -> str:
+    """The password of an `Authorization: Basic <base64 of user:password>` value ('' for any
+    other scheme or a value that does not decode): AUTOMATIC1111's clients (--api-auth) send
+    the key so, under any user name."""
+    scheme, _, encoded = value.strip(" \t").partition(" ")
+    if not (scheme.isascii() and scheme.lower() == "basic"):
+        return ""
+    try:
+        decoded = base64.b64decode(encoded.strip(" "), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    return decoded.partition(":")[2]
+
+
 def api_key_middleware(key: str) -> Middleware:
     """Every request but a CORS preflight, the documentation page's files (docs.py) and the
     web page (`/` for a browser, `/ui/`: page.py; a browser opens a page without headers)
-    needs `Authorization: Bearer <key>`; an event stream may instead carry a stream token
+    needs `Authorization: Bearer <key>`, or HTTP Basic with the key as its password (any user
+    name: AUTOMATIC1111's clients); an event stream may instead carry a stream token
     (`?token=`, tokens.py) in its URL.
 
     The digests are compared, not the strings: constant time, and it does not leak the length.
@@ -163,13 +180,15 @@ def api_key_middleware(key: str) -> Middleware:
             and name not in OPEN_ROUTES
             and not (name == INDEX_ROUTE and wants_page(request))
         ):
-            token = bearer_token(request.headers.get("Authorization", ""))
+            header = request.headers.get("Authorization", "")
+            token = bearer_token(header) or basic_password(header)
             given = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
             if not (hmac.compare_digest(given, expected) or _stream_token(request, signing)):
                 error = ApiError(
                     401,
                     "unauthorized",
-                    "send the API key as 'Authorization: Bearer <key>'",
+                    "send the API key as 'Authorization: Bearer <key>' (or as the password of "
+                    "HTTP Basic auth)",
                     headers={"WWW-Authenticate": 'Bearer realm="sd-rest"'},
                 )
                 return error_response(error)
@@ -222,6 +241,7 @@ def create_app(manager: JobManager) -> web.Application:
     app.on_shutdown.append(hub.close)
     app.on_response_prepare.append(add_common_headers)
     add_routes(app)
+    add_dialect_routes(app)  # AUTOMATIC1111's /sdapi/v1 (api/a1111/)
     return app
 
 

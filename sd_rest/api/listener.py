@@ -87,12 +87,13 @@ class _Counted(asyncio.Protocol):
 
 class Listener:
     """Listens on `host`:`port`, hands TLS connections to `factory` (aiohttp's server), and
-    keeps at most `max_connections` open (in their handshake or serving)."""
+    keeps at most `max_connections` open (in their handshake or serving). Without a `context`
+    the connections are plain HTTP (--http-port)."""
 
     def __init__(
         self,
         factory: Callable[[], asyncio.Protocol],
-        context: ssl.SSLContext,
+        context: ssl.SSLContext | None,
         host: str,
         port: int,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -182,8 +183,9 @@ class Listener:
         loop = asyncio.get_running_loop()
         counted = _Counted(self._factory(), self._closed)
         try:
+            timeout = HANDSHAKE_TIMEOUT if self._context is not None else None
             await loop.connect_accepted_socket(
-                lambda: counted, conn, ssl=self._context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+                lambda: counted, conn, ssl=self._context, ssl_handshake_timeout=timeout
             )
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
             # Scanners, plain HTTP on the TLS port, clients that give up: routine.

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
+from sd_rest.api.a1111 import openapi as dialect
 from sd_rest.api.bodies import MAX_BODY_BYTES, MAX_PARTS, MAX_TEXT_BYTES
 from sd_rest.api.common import DOC_ASSETS, ID_PATTERN, IMAGE_CACHE_CONTROL, IMAGE_PATTERN
 from sd_rest.api.page import CONTENT_TYPES, PREFIX, static_files
@@ -652,6 +653,12 @@ def build_document(version: str, api_key: bool) -> dict[str, Any]:
     _listing_and_streams(b)
     _documentation_paths(b)
     _page_paths(b)
+    for path, method, operation, head in dialect.operations():
+        # Errors before the handler (malformed HTTP, a missing key, too large) are ours.
+        statuses = [int(status) for status in operation["responses"] if status != "200"]
+        common = {k: v for k, v in b.errors(413).items() if int(k) not in statuses}
+        operation["responses"] = {**operation["responses"], **common}
+        b.add(path, method, operation, head=head)
     security_schemes: dict[str, Any] = {
         "bearerAuth": {
             "type": "http",
@@ -684,10 +691,11 @@ def build_document(version: str, api_key: bool) -> dict[str, Any]:
             {"name": "Events", "description": "Server-sent event streams."},
             {"name": "Server", "description": "The server and this description of it."},
             {"name": "CORS", "description": "Preflights: open to every origin."},
+            {"name": dialect.TAG, "description": "AUTOMATIC1111's /sdapi/v1, in its shapes."},
         ],
         "paths": b.paths,
         "components": {
-            "schemas": _schemas(),
+            "schemas": {**_schemas(), **dialect.SCHEMAS},
             "responses": _responses(),
             "securitySchemes": security_schemes,
         },

@@ -111,6 +111,9 @@ def validate_params(
         else:
             params[name] = default
     _check_combinations(params)
+    for name in spec.later:
+        if params.get(name) == spec.defaults[name]:
+            del params[name]  # see Endpoint.later: the id stays what it was before the field
     return params
 
 
@@ -290,6 +293,9 @@ def _check_combinations(params: Params) -> None:
                 f"{width}×{height} = {pixels} pixels is too large for this server: "
                 f"width × height must be at most {MAX_PIXELS} (1024×1024)",
             )
+    if params.get("plms") and float(params.get("eta", 0)) != 0:
+        # txt2img.py's PLMS sampler raises "ddim_eta must be 0 for PLMS" after the model load.
+        raise invalid("eta", f"eta must be 0 with plms (PLMS takes no eta), got {params['eta']:g}")
     if "strength" in params and "steps" in params:
         strength, steps = float(params["strength"]), int(params["steps"])
         # The same product img2img.py computes: below 1 it samples zero steps.

@@ -97,3 +97,26 @@ def infotext(prompt: str | None, settings: Sequence[Setting]) -> str:
         return line
     # Line breaks as the reader splits them: a lone CR would join two lines into one.
     return prompt.replace("\r\n", "\n").replace("\r", "\n") + "\n" + line
+
+
+def read_text(png: bytes, keyword: str) -> str | None:
+    """The text of the first tEXt or uncompressed iTXt chunk named `keyword`, as
+    `text_chunk` writes them; None when there is none (or the PNG cannot be walked)."""
+    position = 8  # the signature
+    key = keyword.encode("latin-1")
+    while position + 12 <= len(png):
+        (length,) = struct.unpack_from(">I", png, position)
+        kind = png[position + 4 : position + 8]
+        data = png[position + 8 : position + 8 + length]
+        position += 12 + length
+        name, _, rest = data.partition(b"\0")
+        if name != key:
+            continue
+        if kind == b"tEXt":
+            return rest.decode("latin-1")
+        if kind == b"iTXt" and rest[:1] == b"\0":
+            # compression flag 0, method, then language tag and translated keyword
+            _, _, after_language = rest[2:].partition(b"\0")
+            _, _, text = after_language.partition(b"\0")
+            return text.decode("utf-8", "replace")
+    return None

@@ -138,11 +138,16 @@ class JobManager:
         return self.submitter.check_ready(endpoint)
 
     async def submit(
-        self, endpoint: str, params: Params, uploads: dict[str, bytes], inputs: dict[str, bytes]
+        self,
+        endpoint: str,
+        params: Params,
+        uploads: dict[str, bytes],
+        inputs: dict[str, bytes],
+        notes: tuple[str, ...] = (),
     ) -> Job:
         """`uploads`: the bytes the client sent (they make the id); `inputs`: the files the
-        script reads."""
-        return await self.submitter.submit(endpoint, params, uploads, inputs)
+        script reads; `notes`: what the request asked that the scripts cannot do."""
+        return await self.submitter.submit(endpoint, params, uploads, inputs, notes)
 
     async def get(self, endpoint: str, id_: str) -> Job | None:
         return self.store.cached(endpoint, id_) or await self.store.get(endpoint, id_)

@@ -56,6 +56,10 @@ class RunningJobs:
     def __contains__(self, key: Key) -> bool:
         return key in self._running
 
+    def snapshot(self) -> list[Key]:
+        """(endpoint, id) of every job running now."""
+        return list(self._running)
+
     async def run(self, job: Job) -> None:
         if job.status.finished or self.closing:
             return  # canceled while waiting; or left QUEUED for the next start

@@ -68,20 +68,25 @@ class Submitter:
         return checkpoint
 
     async def submit(
-        self, endpoint: str, params: Params, uploads: dict[str, bytes], inputs: dict[str, bytes]
+        self,
+        endpoint: str,
+        params: Params,
+        uploads: dict[str, bytes],
+        inputs: dict[str, bytes],
+        notes: tuple[str, ...] = (),
     ) -> Job:
         """`uploads`: the bytes the client sent (they make the id); `inputs`: the files the
-        script reads."""
+        script reads; `notes`: what the request asked that the scripts cannot do (job.py)."""
         # Resolved here only (a realpath is a stat per folder): the id names the real file.
         checkpoint = str(self.check_ready(endpoint).resolve())
         digests = {field: hashlib.sha256(data).hexdigest() for field, data in uploads.items()}
-        key = (endpoint, job_id(endpoint, params, checkpoint, digests))
+        key = (endpoint, job_id(endpoint, params, checkpoint, digests, notes))
         # Before the first await: concurrent submissions must not all see the same free room.
         place = self.queue.reserve()
         lock = self._submitting.setdefault(key, asyncio.Lock())
         try:
             async with lock:
-                return await self._submit(key, params, checkpoint, digests, inputs, place)
+                return await self._submit(key, params, checkpoint, digests, inputs, place, notes)
         finally:
             if place is not None:
                 place.release()  # a no-op once the job took it
@@ -96,6 +101,7 @@ class Submitter:
         digests: dict[str, str],
         inputs: dict[str, bytes],
         place: Place | None,
+        notes: tuple[str, ...],
     ) -> Job:
         endpoint, id_ = key
         existing = await self.store.get(endpoint, id_)
@@ -122,6 +128,7 @@ class Submitter:
             seq=self._next_seq(),
             created_at=now,
             updated_at=now,
+            notes=notes,
         )
         with _disk_full_is_507():
             await self.store.add(job, inputs)

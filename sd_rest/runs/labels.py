@@ -26,6 +26,8 @@ PARAMETERS_KEYWORD: Final = "parameters"  # AUTOMATIC1111's
 SD_REST_KEYWORD: Final = "sd-rest"
 FORMAT_VERSION: Final = 1
 SAMPLER: Final = "DDIM"  # all three scripts sample with DDIM (txt2img.py without --plms)
+PLMS: Final = "PLMS"  # txt2img.py with --plms
+NOT_HONOURED: Final = "Not honoured"  # sd-rest's own key: what a request asked in vain
 MODEL_HASH_LENGTH: Final = 10  # AUTOMATIC1111's short hash: the SHA-256's first 10 hex digits
 
 # What the run's own paths read as in the recorded flags: they are of no use elsewhere, and a
@@ -52,6 +54,7 @@ class RunDescription:
     run_seed: int
     run_images: int  # images this run makes
     checkpoint: str  # the file's name
+    notes: tuple[str, ...] = ()  # what the request asked that the scripts cannot do
 
 
 def describe_run(job: Job, plan: RunPlan) -> RunDescription:
@@ -72,6 +75,7 @@ def describe_run(job: Job, plan: RunPlan) -> RunDescription:
         run_seed=plan.seed,
         run_images=plan.remaining,
         checkpoint=Path(job.checkpoint).name,
+        notes=job.notes,
     )
 
 
@@ -84,7 +88,7 @@ def _settings(
     eta = params.get("eta")
     return [
         ("Steps", int(params["steps"])),
-        ("Sampler", SAMPLER),
+        ("Sampler", PLMS if params.get("plms") else SAMPLER),
         ("CFG scale", None if guidance is None else float(guidance)),
         ("Seed", run.run_seed),
         ("Size", f"{size[0]}x{size[1]}"),
@@ -97,6 +101,7 @@ def _settings(
         # Not one of AUTOMATIC1111's: the scripts seed once per run, so an image is found
         # again by its run's seed and its place in that run.
         ("Position in run", position if run.run_images > 1 else None),
+        (NOT_HONOURED, "; ".join(run.notes) if run.notes else None),
     ]
 
 

@@ -46,10 +46,26 @@ class ImageRecord:
         return cls(int(data["n"]), int(data["seed"]), int(data["position"]), str(data["sha256"]))
 
 
-def job_id(endpoint: str, params: Params, checkpoint: str, uploads: dict[str, str]) -> str:
-    """32 hex chars, equal for equal requests: normalised params, checkpoint, upload bytes."""
+def job_id(
+    endpoint: str,
+    params: Params,
+    checkpoint: str,
+    uploads: dict[str, str],
+    notes: tuple[str, ...] = (),
+) -> str:
+    """32 hex chars, equal for equal requests: normalised params, checkpoint, upload bytes,
+    and the notes of what the request asked that the scripts cannot do (only when there are
+    some: every other job keeps the id it always had)."""
+    doc: dict[str, Any] = {
+        "endpoint": endpoint,
+        "params": params,
+        "checkpoint": checkpoint,
+        "uploads": uploads,
+    }
+    if notes:
+        doc["notes"] = list(notes)
     key = json.dumps(
-        {"endpoint": endpoint, "params": params, "checkpoint": checkpoint, "uploads": uploads},
+        doc,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -75,6 +91,9 @@ class Job:
     finished_at: float | None = None
     attempts: int = 0  # script runs started for this job
     pid: int | None = None  # the running script, so a restarted server can end an orphan
+    # What the request asked that the scripts cannot do (AUTOMATIC1111's dialect: a negative
+    # prompt, another sampler...): named in each image's infotext, never dropped silently.
+    notes: tuple[str, ...] = ()
 
     # Runtime only, never persisted.
     progress: tuple[int, float] | None = field(default=None, repr=False)
@@ -176,6 +195,7 @@ class Job:
             "finishedAt": self.finished_at,
             "attempts": self.attempts,
             "pid": self.pid,
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
 
     @classmethod
@@ -221,6 +241,7 @@ class Job:
             finished_at=_sidecar_time(data, "finishedAt", optional=True),
             attempts=int(data["attempts"]),
             pid=pid,
+            notes=tuple(str(note) for note in data.get("notes", ())),
         )
 
 

@@ -14,7 +14,7 @@ import {
 
 // The order fields are shown in: what people change most first.
 const ORDER = ['prompt', 'image', 'mask', 'strength', 'width', 'height', 'steps',
-  'guidanceScale', 'seed', 'iterations', 'batchSize', 'eta'];
+  'guidanceScale', 'seed', 'iterations', 'batchSize', 'eta', 'plms'];
 const STEP = { guidanceScale: '0.5', eta: '0.05', strength: '0.05' };
 const SIZE_MULTIPLES = { 'image-to-image': 64, 'inpaint-image': 32 }; // the server's crops
 const BRUSH_DEFAULT = 40;

@@ -1,0 +1,125 @@
+"""AUTOMATIC1111's dialect: what waiting for a job inside one request costs against our own
+POST-then-poll, and whether base64-encoding a big batch disturbs other requests.
+
+1. The same one-image job (distinct prompts, so nothing is deduplicated) through
+   POST /sdapi/v1/txt2img, and through POST /text-to-image then GETs of its status every 5 ms
+   until COMPLETE and a GET of its image: end to end, alternating, p95 of each; the difference
+   is what the dialect adds.
+2. A batch of eight 512×512 images made once, then asked again and again (the same settings:
+   the same job, answered at once), so each answer is the base64 of eight PNGs; meanwhile
+   status GETs on another connection, their p95 against the same GETs with nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from .common import Client, Result, ServerProcess, Sizes, ms, percentile, simulator_env, summary_ms
+
+STEPS = 4
+SIDE = 256
+BATCH = {"prompt": "a batch to encode", "steps": 4, "seed": 1, "batch_size": 8}
+
+
+def _a1111(client: Client, doc: dict[str, object]) -> bytes:
+    status, body = client.request(
+        "POST", "/sdapi/v1/txt2img", json.dumps(doc).encode(), {"Content-Type": "application/json"}
+    )
+    if status != 200:
+        raise RuntimeError(f"POST /sdapi/v1/txt2img: {status} {body[:200]!r}")
+    return body
+
+
+def _native(client: Client, prompt: str) -> None:
+    url = client.submit({"prompt": prompt, "steps": STEPS, "width": SIDE, "height": SIDE})
+    doc = client.wait_status(url, {"COMPLETE"})
+    status, _ = client.request("GET", doc["imageUrls"][0])
+    if status != 200:
+        raise RuntimeError(f"GET {doc['imageUrls'][0]}: {status}")
+
+
+def _one_image(client: Client, jobs: int) -> tuple[list[float], list[float]]:
+    dialect, native = [], []
+    for n in range(jobs):
+        prompt = f"one image {n} {uuid.uuid4().hex}"
+        start = time.perf_counter()
+        _a1111(client, {"prompt": prompt, "steps": STEPS, "width": SIDE, "height": SIDE})
+        dialect.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        _native(client, prompt + " native")
+        native.append(time.perf_counter() - start)
+    return dialect, native
+
+
+def _gets(port: int, url: str, seconds: float) -> list[float]:
+    client, latencies = Client(port), []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        start = time.perf_counter()
+        client.request("GET", url)
+        latencies.append(time.perf_counter() - start)
+    client.close()
+    return latencies
+
+
+def _encoding(port: int, seconds: float) -> tuple[list[float], list[float], list[float]]:
+    client = Client(port)
+    _a1111(client, BATCH)  # made once; from now on each answer only encodes
+    url = client.submit(
+        {"prompt": "a status to read", "steps": STEPS, "width": SIDE, "height": SIDE}
+    )
+    client.wait_status(url, {"COMPLETE"})
+    quiet = _gets(port, url, seconds)
+    answers: list[float] = []
+    stop = threading.Event()
+
+    def encode() -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            body = _a1111(client, BATCH)
+            answers.append(time.perf_counter() - start)
+            assert len(json.loads(body)["images"]) == 8
+
+    thread = threading.Thread(target=encode)
+    thread.start()
+    busy = _gets(port, url, seconds)
+    stop.set()
+    thread.join()
+    client.close()
+    return quiet, busy, answers
+
+
+def measure(workdir: Path, cert: tuple[Path, Path], sizes: Sizes) -> list[Result]:
+    env = simulator_env(0.0, 0.002)
+    with ServerProcess(workdir / "output", cert, env).start() as server:
+        client = Client(server.port)
+        client.wait_warm()
+        _one_image(client, 2)  # warm-up
+        dialect, native = _one_image(client, sizes.a1111_jobs)
+        client.close()
+        quiet, busy, answers = _encoding(server.port, sizes.a1111_seconds)
+    extra = percentile(dialect, 95) - percentile(native, 95)
+    q95, b95 = percentile(quiet, 95), percentile(busy, 95)
+    return [
+        Result(
+            "/sdapi/v1/txt2img vs POST + poll, one image: p95 difference",
+            f"{ms(extra)} ({ms(percentile(dialect, 95))} vs {ms(percentile(native, 95))})",
+            "≤ 20 ms",
+            extra <= 0.020,
+            f"{len(dialect)} jobs each way, alternating; poll every 5 ms",
+            {"a1111": summary_ms(dialect), "native": summary_ms(native)},
+        ),
+        Result(
+            "status GET p95 while batches of 8 are base64-encoded",
+            f"{ms(b95)} (quiet {ms(q95)})",
+            "unaffected",
+            b95 <= max(2 * q95, q95 + 0.005),
+            f"{len(answers)} answers of eight 512×512 PNGs, p50 {ms(percentile(answers, 50))} "
+            f"each; {len(busy)} GETs meanwhile, {len(quiet)} quiet",
+            {"quiet": summary_ms(quiet), "busy": summary_ms(busy), "answers": summary_ms(answers)},
+        ),
+    ]
