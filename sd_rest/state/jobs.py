@@ -46,6 +46,30 @@ class ImageRecord:
         return cls(int(data["n"]), int(data["seed"]), int(data["position"]), str(data["sha256"]))
 
 
+@dataclass(frozen=True, slots=True)
+class RemoteWorker:
+    """The worker host running a job's current attempt (with `--broker`): kept in the sidecar
+    so that a restarted API node knows which attempt's reports count (cluster.md)."""
+
+    host: str
+    pid: int  # the worker host's `worker` process: never a process of this machine
+    attempt: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "pid": self.pid, "attempt": self.attempt}
+
+    @classmethod
+    def from_json(cls, data: Any) -> RemoteWorker | None:
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise TypeError("worker is not an object")
+        pid = data["pid"]
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            raise TypeError(f"worker pid {pid!r} is not a number")
+        return cls(str(data["host"]), pid, str(data["attempt"]))
+
+
 def job_id(endpoint: str, params: Params, checkpoint: str, uploads: dict[str, str]) -> str:
     """32 hex chars, equal for equal requests: normalised params, checkpoint, upload bytes."""
     key = json.dumps(
@@ -75,6 +99,7 @@ class Job:
     finished_at: float | None = None
     attempts: int = 0  # script runs started for this job
     pid: int | None = None  # the running script, so a restarted server can end an orphan
+    worker: RemoteWorker | None = None  # the remote worker host running it (--broker)
 
     # Runtime only, never persisted.
     progress: tuple[int, float] | None = field(default=None, repr=False)
@@ -82,6 +107,8 @@ class Job:
     _status_body: bytes | None = field(default=None, repr=False)
     _body_position: int | None = field(default=None, repr=False)  # what _status_body shows
     _lock: asyncio.Lock | None = field(default=None, repr=False)
+    # Why a remote job waits: no live worker holds its checkpoint (--broker).
+    waiting: str | None = field(default=None, repr=False)
 
     @property
     def total_images(self) -> int:
@@ -103,6 +130,14 @@ class Job:
 
     def invalidate(self) -> None:
         self._status_body = None
+
+    def set_waiting(self, reason: str | None) -> bool:
+        """Say (or stop saying) why the job waits; returns whether it changed."""
+        if reason == self.waiting:
+            return False
+        self.waiting = reason
+        self._status_body = None
+        return True
 
     def set_progress(self, index: int, fraction: float) -> bool:
         """Move progress forward only; returns whether it changed."""
@@ -144,6 +179,10 @@ class Job:
             doc["error"] = self.error or "the script failed"
         if status is Status.QUEUED and position is not None:
             doc["position"] = position
+        if self.status is Status.IN_PROGRESS and self.worker is not None:
+            doc["worker"] = {"host": self.worker.host, "pid": self.worker.pid}
+        elif status is Status.QUEUED and self.waiting is not None:
+            doc["waiting"] = self.waiting
         return doc
 
     def status_body(self, position: int | None = None) -> bytes:
@@ -176,6 +215,7 @@ class Job:
             "finishedAt": self.finished_at,
             "attempts": self.attempts,
             "pid": self.pid,
+            **({"worker": self.worker.to_json()} if self.worker is not None else {}),
         }
 
     @classmethod
@@ -221,6 +261,8 @@ class Job:
             finished_at=_sidecar_time(data, "finishedAt", optional=True),
             attempts=int(data["attempts"]),
             pid=pid,
+            # Sidecars from before the cluster have none.
+            worker=RemoteWorker.from_json(data.get("worker")),
         )
 
 
