@@ -232,6 +232,19 @@ def test_stopped_requeues_and_the_redelivery_ends_it(node: Server, worker: Stand
     assert doc["error"] == "CUDA out of memory"
 
 
+def test_the_end_the_fence_adds_for_a_job_whose_workers_died_fails_it(
+    node: Server, worker: StandInWorker
+) -> None:
+    url = post(node)
+    begin(worker, url)
+    for _ in range(2):  # delivered again after each host death
+        assert isinstance(worker.start(*job_key(url)), Attempt)
+    # A fourth delivery: the fence ends it under an attempt that never started.
+    assert worker.start(*job_key(url)) == "dead"
+    doc = node.wait_status(url, {"FAILED", "COMPLETE"})
+    assert doc["error"].startswith(f"its worker died 3 times: {worker.host} (pid {worker.pid})")
+
+
 # --- restarts ------------------------------------------------------------------------------
 
 
