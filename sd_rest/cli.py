@@ -15,6 +15,15 @@ from typing import IO, Any
 import click
 
 from sd_rest import __version__
+from sd_rest.cluster.broker import (
+    BROKER_ENV,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    BrokerMissing,
+    check_url,
+    probe,
+    redact,
+    require_extra,
+)
 from sd_rest.endpoints import ENDPOINTS
 from sd_rest.settings import (
     DEFAULT_MAX_CONNECTIONS,
@@ -101,6 +110,16 @@ HELP_ROWS = [
         None,
     ),
     HelpRow("--http-host", "Interface for --http-port", "127.0.0.1"),
+    HelpRow(
+        "--broker",
+        f"Redis URL of the worker hosts (redis://:password@host:6379/0; or set {BROKER_ENV})",
+        None,
+    ),
+    HelpRow(
+        "--heartbeat-timeout",
+        "Seconds a worker host may go silent before its job runs elsewhere (with --broker)",
+        f"{DEFAULT_HEARTBEAT_TIMEOUT:g}",
+    ),
     HelpRow("--demo", "Run against the bundled simulator: no GPU or model needed", "false"),
     HelpRow("--check", "Check that everything the server needs is in place, then exit", "false"),
     HelpRow("-v, --version", "Displays current version", None),
@@ -157,6 +176,10 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 @click.option("--min-free-space", default="1G")
 @click.option("--http-port", default=None, type=click.IntRange(0, 65535))
 @click.option("--http-host", default=None)
+@click.option("--broker", default=None, envvar=BROKER_ENV, show_envvar=True)
+@click.option(
+    "--heartbeat-timeout", default=DEFAULT_HEARTBEAT_TIMEOUT, type=click.FloatRange(1, 3600)
+)
 @click.option("--demo", is_flag=True, default=False)
 @click.option("--check", "check_only", is_flag=True, default=False)
 @click.option("-v", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version)
@@ -183,6 +206,8 @@ def main(
     min_free_space: str,
     http_port: int | None,
     http_host: str | None,
+    broker: str | None,
+    heartbeat_timeout: float,
     demo: bool,
     check_only: bool,
 ) -> None:
@@ -192,6 +217,7 @@ def main(
     _check_api_key(api_key)
     limits = _limits()
     min_free = _size("--min-free-space", min_free_space)
+    broker = _broker(broker)
     output_path = Path(output).absolute()
     if check_only and demo:
         raise StartupError("--check checks a real set-up: demo mode needs none, leave out --demo")
@@ -221,8 +247,9 @@ def main(
             min_free_space=min_free,
         )
         click.get_current_context().exit(checks.report(checks.run_all(target), click.echo))
-    _check_repository(repo)
-    _check_python(python_path, explicit=python is not None)
+    if broker is None:  # with one, the worker hosts run the scripts: none are needed here
+        _check_repository(repo)
+        _check_python(python_path, explicit=python is not None)
     context = _load_certificate(cert, key)
     settings = Settings(
         repository=repo.absolute(),
@@ -241,8 +268,10 @@ def main(
         worker_idle_seconds=worker_idle,
         worker_timeout=worker_timeout,
         warm_start=warm_start,
+        broker=broker,
+        heartbeat_timeout=heartbeat_timeout,
     )
-    for model in Model:
+    for model in Model if broker is None else ():
         path = settings.checkpoint(model)
         # Missing or damaged is a warning (its endpoints answer 503 or fail); out of this
         # user's reach is a set-up mistake that stops the start.
@@ -261,6 +290,10 @@ def main(
             "this server (set --api-key or %s)",
             API_KEY_ENV,
         )
+    if broker is not None:
+        unreachable = probe(broker)
+        if unreachable is not None:  # served from the node's own state; POSTs get 503
+            log.warning("%s; new jobs are refused (503) until it answers", unreachable)
     run_server(
         settings, host, port, context, delete_incomplete, _http(http_port, http_host, api_key)
     )
@@ -286,6 +319,18 @@ def _http(port: int | None, host: str | None, api_key: str | None) -> tuple[str,
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
+def _broker(url: str | None) -> str | None:
+    """The broker's URL, checked, with the extra it needs; None without one."""
+    if url is None or url == "":
+        return None
+    try:
+        check_url(url)
+        require_extra()
+    except (ValueError, BrokerMissing) as exc:
+        raise StartupError(str(exc)) from exc
+    return url
+
+
 def run_server(
     settings: Settings,
     host: str,
@@ -309,11 +354,12 @@ def run_server(
         click.echo(f"deleted {removed} incomplete job(s) from {settings.output}")
 
     def ready(url: str) -> None:
-        click.echo(
-            f"sd-rest {__version__} serving {url} "
-            f"(repository {settings.repository}, concurrency {settings.concurrency})",
-            err=True,
+        runs = (
+            f"repository {settings.repository}, concurrency {settings.concurrency}"
+            if settings.broker is None
+            else f"jobs run by the worker hosts of {redact(settings.broker)}"
         )
+        click.echo(f"sd-rest {__version__} serving {url} ({runs})", err=True)
 
     try:
         asyncio.run(serve(manager, host, port, context, on_ready=ready, http=http))

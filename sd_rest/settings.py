@@ -98,6 +98,9 @@ class Settings:
     # A worker silent this long (no heartbeat: hung, or stopped) is killed, its job resumed.
     worker_timeout: float = 120.0
     warm_start: bool = True  # a worker loads the text-to-image model before the first job
+    # Redis URL of the cluster (--broker): jobs run on worker hosts, none here.
+    broker: str | None = None
+    heartbeat_timeout: float = 30.0  # a worker host silent this long is dead (--broker)
 
     def checkpoint(self, model: Model) -> Path:
         if model is Model.TEXT_TO_IMAGE:

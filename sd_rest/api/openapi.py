@@ -73,6 +73,7 @@ ERROR_CODES: Final[dict[int, tuple[str, ...]]] = {
         "python_missing",
         "index_unavailable",
         "unavailable",
+        "broker_unavailable",
     ),
     504: ("timeout",),
     507: ("disk_full",),
@@ -90,7 +91,8 @@ STATUS_TEXT: Final = {
     429: "The queue is full: try again later.",
     500: "A failure inside the server, logged under `requestId`; never caused by a request.",
     503: "The server is stopping, or this endpoint's checkpoint or interpreter is missing, or "
-    "the job listing's index cannot be made now (with `Retry-After`).",
+    "the job listing's index cannot be made now (with `Retry-After`), or (`--broker`) Redis "
+    "cannot be reached and the job was not created (`broker_unavailable`, with `Retry-After`).",
     507: "The output disk lacks the space this job may need.",
 }
 
@@ -309,9 +311,24 @@ def _schemas() -> dict[str, Any]:
         "finishedAt": {"type": ["string", "null"], "format": "date-time"},
         "params": _ref("Params"),
     }
+    worker = {
+        "worker": _object(
+            {"host": {"type": "string"}, "pid": {"type": "integer"}},
+            ["host", "pid"],
+            description="`--broker`: the worker host running the job (the pid of its "
+            "`worker` process, on that host); absent for a run on this server.",
+        )
+    }
+    waiting = {
+        "waiting": {
+            "type": "string",
+            "description": "`--broker`: why the job waits, when no live worker host holds "
+            "its checkpoint.",
+        }
+    }
     extra = {
-        "QUEUED": ({"position": {"type": "integer", "minimum": 0}}, []),
-        "IN_PROGRESS": ({"progress": _ref("Progress")}, ["progress"]),
+        "QUEUED": ({"position": {"type": "integer", "minimum": 0}, **worker, **waiting}, []),
+        "IN_PROGRESS": ({"progress": _ref("Progress"), **worker}, ["progress"]),
         "COMPLETE": ({}, []),
         "FAILED": ({"error": {"type": "string"}}, ["error"]),
         "CANCELED": ({}, []),
@@ -353,13 +370,21 @@ def _schemas() -> dict[str, Any]:
             "endpoints": {"type": "array", "items": {"enum": [f"/{e}" for e in endpoints]}},
             "running": {"type": "integer", "minimum": 0},
             "queued": {"type": "integer", "minimum": 0},
-            "runner": {"type": "string", "enum": ["resident", "process"]},
+            "runner": {"type": "string", "enum": ["resident", "process", "remote"]},
             "workers": {
                 "type": "array",
                 "items": {"type": "object"},
                 "description": "Each resident worker's state (none with `--runner process`): "
                 "`warming`, `idle`, `busy`, or `gone` (listed for a while after it died or was "
-                "killed unasked), from its last heartbeat; see the README's `GET /`.",
+                "killed unasked), from its last heartbeat; see the README's `GET /`. With "
+                "`--broker` (`runner` is `remote`): each live worker host, with `host`, `pid`, "
+                "`state` (`idle` or `busy`), `jobs`, `models`, `served` and `last_heartbeat`.",
+            },
+            "unserved": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "`--broker`: each endpoint no live worker host can serve "
+                "(none holds its checkpoint), and why; its jobs wait.",
             },
         },
         "required": ["name", "version", "endpoints", "running", "queued"],
@@ -442,7 +467,8 @@ def _responses() -> dict[str, Any]:
         {
             "Retry-After": {
                 "schema": {"type": "integer", "minimum": 1},
-                "description": "With `index_unavailable`: the seconds to wait before asking again.",
+                "description": "With `index_unavailable` and `broker_unavailable`: the "
+                "seconds to wait before asking again.",
             }
         },
     )

@@ -120,9 +120,12 @@ async def index(request: web.Request) -> web.Response:
         "endpoints": [f"/{name}" for name in ENDPOINTS],
         "running": manager.running,
         "queued": manager.queue.waiting,
-        "runner": manager.settings.runner,
+        "runner": manager.settings.runner if manager.remote is None else "remote",
         "workers": manager.workers(),
     }
+    unserved = manager.unserved()
+    if unserved is not None:  # --broker: the endpoints no live worker host can serve
+        doc["unserved"] = unserved
     return json_response(json.dumps(doc).encode())
 
 

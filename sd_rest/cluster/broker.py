@@ -100,3 +100,30 @@ def explain(exc: BaseException, url: str) -> str:
             "bound to an address this machine can reach?"
         )
     return f"Redis at {where} failed: {exc}"
+
+
+def require_extra() -> None:
+    """BrokerMissing (one line) when the `cluster` extra is not installed."""
+    try:
+        import dramatiq  # noqa: F401
+        import redis  # noqa: F401
+    except ImportError as exc:
+        raise BrokerMissing(
+            f"--broker needs the cluster extra ({exc.name} is missing): "
+            "pip install 'sd-rest[cluster]' (dramatiq and redis)"
+        ) from exc
+
+
+def probe(url: str, timeout: float = 3.0) -> str | None:
+    """None when Redis at `url` answers a PING (with its password); else, in one line, why
+    not. Blocking: for the command line's start."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        return explain(exc, url)
+    finally:
+        client.close()
+    return None

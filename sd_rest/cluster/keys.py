@@ -14,6 +14,9 @@ GROUP: Final = "api"  # the API node's consumer group on every job stream
 CANCEL_CHANNEL: Final = f"{PREFIX}:cancel"  # PUBLISH "<endpoint>:<id>"
 WORKERS: Final = f"{PREFIX}:workers"  # a set of worker ids; each one's record below
 MAX_DEATHS: Final = 3  # deliveries of one job whose worker died before it is FAILED
+# A stream the API node reads with the job streams (group GROUP): an entry added to it ends
+# the blocked read at once, so that a stream followed meanwhile is read without waiting.
+WAKE: Final = f"{PREFIX}:api-wake"
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 

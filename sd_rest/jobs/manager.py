@@ -49,9 +49,17 @@ class JobManager:
         self.recovery = Recovery(self.store)
         self.runners: Runners | RunnerFactory = runners or Runners(settings, self.store)
         self.runs = RunningJobs(self.store, self.runners)
-        self.queue = JobQueue(settings.concurrency, settings.max_queue, self.runs.run)
+        # With --broker every queued job is handed to its remote run at once: the worker
+        # hosts' own --concurrency bounds the work.
+        remote = self.runners.remote if isinstance(self.runners, Runners) else None
+        concurrency = None if settings.broker is not None else settings.concurrency
+        self.queue = JobQueue(concurrency, settings.max_queue, self.runs.run)
         self.queue.on_moved = self._moved
+        self.runs.on_moved = self._run_moved
         self.submitter = Submitter(settings, self.store, self.queue, self.runs)
+        if remote is not None:
+            self.submitter.broker_unavailable = remote.unavailable
+        self.remote = remote
         self._stop_sweep = threading.Event()
         self._sweeper: asyncio.Future[None] | None = None
         # The checkpoints' digests and the fork's commit, for the images' metadata.
@@ -119,6 +127,12 @@ class JobManager:
         for job, position in moves:
             self.events.emit(job, "moved", position)
 
+    def _run_moved(self, job: Job, started: bool) -> None:
+        if started:
+            self.queue.taken(job)
+        else:
+            self.queue.rejoined(job)
+
     def position(self, job: Job) -> int | None:
         """Where a job that reads QUEUED stands (1 = next, 0 = its run is starting); None for
         any other job."""
@@ -156,6 +170,9 @@ class JobManager:
         """QUEUED → CANCELED at once; a running job is ended. Idempotent."""
         if job.status.finished:
             return job
+        if (job.endpoint, job.id) in self.runs:  # a remote run is begun while it waits
+            await self.runs.cancel(job)
+            return job
         if self.queue.remove(job):
             await self.store.settle(job, lifecycle.cancel(time.time()))
             return job
@@ -164,9 +181,17 @@ class JobManager:
 
     @property
     def running(self) -> int:
-        return len(self.runs)
+        # A remote run is begun at once; its job runs once a worker host has started it.
+        return self.runs.started() if self.remote is not None else len(self.runs)
 
     def workers(self) -> list[dict[str, Any]]:
-        """Each resident worker's state (idle or busy, model, jobs served, RSS): from what the
-        server knows, never waiting on a worker."""
+        """Each resident worker's state (idle or busy, model, jobs served, RSS), or each live
+        worker host's (--broker): from what the server knows, never waiting on a worker or
+        on Redis."""
+        if self.remote is not None:
+            return self.remote.workers()
         return self.runners.describe() if isinstance(self.runners, Runners) else []
+
+    def unserved(self) -> dict[str, str] | None:
+        """--broker: the endpoints no live worker host can serve, and why (else None)."""
+        return self.remote.unserved() if self.remote is not None else None

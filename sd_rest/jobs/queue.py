@@ -1,5 +1,9 @@
 """Waiting jobs in submission order, and `concurrency` workers that run them; where each
-waiting job stands (its position, 1 = next), told to `on_moved` whenever it changes."""
+waiting job stands (its position, 1 = next), told to `on_moved` whenever it changes.
+
+Unbounded (`concurrency` None: remote runs, --broker): every job is handed to its runner as
+soon as it is queued (the worker hosts bound the work), yet it is counted and placed as waiting
+until a worker host starts it (`taken`), and again if its run is handed back (`rejoined`)."""
 
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ class Place:
 
 class JobQueue:
     def __init__(
-        self, concurrency: int, max_waiting: int, run: Callable[[Job], Awaitable[None]]
+        self, concurrency: int | None, max_waiting: int, run: Callable[[Job], Awaitable[None]]
     ) -> None:
         self.concurrency = concurrency
         self.max_waiting = max_waiting
@@ -49,6 +53,8 @@ class JobQueue:
         self._changed = asyncio.Condition()
         self._workers: list[asyncio.Task[None]] = []
         self._closed = False
+        self._started = False
+        self._handed: set[Key] = set()  # unbounded: waiting jobs whose run has begun
         self._taken: set[Key] = set()  # taken by a worker, until its run returns
         self._positions: dict[Key, int] | None = None  # made again after each change
         # Told every job whose position changed, with the new one (0: taken by a worker).
@@ -112,9 +118,51 @@ class JobQueue:
             self._told([(job, position)])
         else:
             self._moved([(job, position)])
+        if self.concurrency is None:
+            self._hand(job)
+            return
         async with self._changed:
             self._changed.notify()
 
+    def _hand(self, job: Job) -> None:
+        """Unbounded: run `job` now (it stays counted as waiting until `taken`)."""
+        key = self.key(job)
+        if not self._started or self._closed or key in self._handed:
+            return
+        self._handed.add(key)
+        self._workers.append(asyncio.create_task(self._run_one(job)))
+
+    async def _run_one(self, job: Job) -> None:
+        key = self.key(job)
+        try:
+            await self._run(job)
+        except Exception:
+            log.exception("running %s/%s failed", job.endpoint, job.id)
+        finally:
+            self._handed.discard(key)
+            self._taken.discard(key)
+            if key in self._waiting:  # ended before a worker host started it
+                self.remove(job)
+            self._positions = None
+            self._workers = [task for task in self._workers if not task.done()]
+
+    def taken(self, job: Job) -> None:
+        """Unbounded: a worker host started `job`: it no longer waits (position 0)."""
+        key = self.key(job)
+        if self.concurrency is None and key in self._waiting:
+            self.remove(job)
+            self._taken.add(key)
+            self._moved([(job, 0)])
+
+    def rejoined(self, job: Job) -> None:
+        """Unbounded: `job`'s run was handed back: it waits again, in submission order."""
+        key = self.key(job)
+        if self.concurrency is None and key not in self._waiting:
+            self._taken.discard(key)
+            jobs = sorted([*self._waiting.values(), job], key=lambda j: j.seq)
+            self._waiting = {self.key(j): j for j in jobs}
+            index = jobs.index(job)
+            self._moved((j, n) for n, j in enumerate(jobs[index:], index + 1))
     def remove(self, job: Job) -> bool:
         key = self.key(job)
         if key not in self._waiting:
@@ -125,6 +173,11 @@ class JobQueue:
         return True
 
     def start(self) -> None:
+        self._started = True
+        if self.concurrency is None:
+            for job in list(self._waiting.values()):
+                self._hand(job)
+            return
         for number in range(self.concurrency):
             self._workers.append(asyncio.create_task(self._worker(), name=f"worker-{number}"))
 

@@ -9,10 +9,11 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 
 from sd_rest.runs.seam import Outcome, OutcomeKind, Runner, RunnerFactory
 from sd_rest.state import lifecycle
-from sd_rest.state.jobs import ImageRecord, Job, Status
+from sd_rest.state.jobs import ImageRecord, Job, RemoteWorker, Status
 from sd_rest.state.layout import Key
 from sd_rest.state.store import JobStore
 
@@ -24,12 +25,22 @@ CANCEL_WAIT = 2.0  # seconds a DELETE waits for a running job to end
 class _JobSink:
     """What a runner reports, turned into the job's transitions (see runners.RunSink)."""
 
-    def __init__(self, store: JobStore, job: Job) -> None:
+    def __init__(self, store: JobStore, job: Job, moved: Callable[[Job, bool], None]) -> None:
         self.store = store
         self.job = job
+        self._moved = moved  # (job, started): it left the queue's waiting jobs, or rejoined
 
-    async def started(self, pid: int | None) -> None:
-        await self.store.commit(self.job, lifecycle.start(self.job, pid, time.time()))
+    async def started(self, pid: int | None, worker: RemoteWorker | None = None) -> None:
+        if self.job.status is Status.IN_PROGRESS:  # a new attempt of a remote job
+            await self.store.commit(self.job, lifecycle.requeue())
+        await self.store.commit(self.job, lifecycle.start(self.job, pid, time.time(), worker))
+        self.job.set_waiting(None)
+        self._moved(self.job, True)
+
+    async def requeued(self) -> None:
+        if self.job.status is Status.IN_PROGRESS:
+            await self.store.commit(self.job, lifecycle.requeue())
+        self._moved(self.job, False)
 
     def progress(self, index: int, fraction: float) -> None:
         if self.job.set_progress(index, fraction):
@@ -46,7 +57,10 @@ class RunningJobs:
     def __init__(self, store: JobStore, runners: RunnerFactory) -> None:
         self.store = store
         self.runners = runners
-        self._running: dict[Key, tuple[Runner, asyncio.Future[None]]] = {}
+        # Told when a run starts (True) or is handed back to wait again (False): the queue
+        # counts remote jobs as waiting until a worker host starts them.
+        self.on_moved: Callable[[Job, bool], None] = lambda job, started: None
+        self._running: dict[Key, tuple[Runner, asyncio.Future[None], Job]] = {}
         # Set by a shutdown: a job a worker takes after it stays QUEUED for the next start.
         self.closing = False
 
@@ -69,8 +83,8 @@ class RunningJobs:
         key = (job.endpoint, job.id)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            runner = self.runners(job, _JobSink(self.store, job))
-            self._running[key] = (runner, done)
+            runner = self.runners(job, _JobSink(self.store, job, self._moved))
+            self._running[key] = (runner, done, job)
             outcome = await runner.run()
         except Exception:
             # The exception's text can name server paths: clients get the id it is logged as.
@@ -84,6 +98,13 @@ class RunningJobs:
         finally:
             self._running.pop(key, None)
             done.set_result(None)
+
+    def _moved(self, job: Job, started: bool) -> None:
+        self.on_moved(job, started)
+
+    def started(self) -> int:
+        """How many of the jobs run here have started (a remote one may still wait)."""
+        return sum(1 for _, _, job in self._running.values() if job.status is Status.IN_PROGRESS)
 
     async def _conclude(self, job: Job, outcome: Outcome) -> None:
         """The outcome's transition: visible at once, durable as soon as the disk allows."""
@@ -106,7 +127,7 @@ class RunningJobs:
         running = self._running.get((job.endpoint, job.id))
         if running is None:
             return
-        runner, done = running
+        runner, done, _ = running
         runner.cancel()
         try:
             await asyncio.wait_for(asyncio.shield(done), CANCEL_WAIT)
@@ -115,5 +136,5 @@ class RunningJobs:
 
     def stop(self, grace: float) -> None:
         """Interrupts every run (killed after `grace` seconds): its job is left resumable."""
-        for runner, _ in list(self._running.values()):
+        for runner, _, _ in list(self._running.values()):
             runner.stop(grace)

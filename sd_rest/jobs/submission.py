@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 
 from sd_rest.endpoints import ENDPOINTS
@@ -35,6 +35,8 @@ class Submitter:
         self.runs = runs  # a job still running is not retried; a closing server takes none
         self._submitting: dict[Key, asyncio.Lock] = {}
         self._last_seq = 0
+        # --broker: why jobs cannot be handed to the worker hosts now (None: they can).
+        self.broker_unavailable: Callable[[], Awaitable[str | None]] | None = None
 
     def continue_after(self, jobs: Iterable[Job]) -> None:
         """New jobs are ordered after these (the recovered ones)."""
@@ -53,6 +55,8 @@ class Submitter:
             raise ApiError(503, "shutting_down", "the server is shutting down")
         model = ENDPOINTS[endpoint].model
         checkpoint = self.settings.checkpoint(model)
+        if self.settings.broker is not None:
+            return checkpoint  # run by the worker hosts: this node needs neither file
         if not checkpoint.is_file():
             raise ApiError(
                 503,
@@ -109,6 +113,7 @@ class Submitter:
             if existing.status in (Status.FAILED, Status.CANCELED) and key not in self.runs:
                 self._check_room(place)
                 self._check_space(endpoint, params, inputs)
+                await self._check_broker()
                 with _disk_full_is_507():
                     await self.store.restore_inputs(existing, inputs)
                     # Queued anew; images it already has are kept and only the rest are made.
@@ -117,6 +122,7 @@ class Submitter:
             return existing
         self._check_room(place)
         self._check_space(endpoint, params, inputs)
+        await self._check_broker()
         now = time.time()
         job = Job(
             id=id_,
@@ -140,6 +146,20 @@ class Submitter:
         exists already needs none, so it is answered even when the queue is full)."""
         if place is None:
             raise ApiError(429, "queue_full", f"{self.queue.full_error()}; try again later")
+
+    async def _check_broker(self) -> None:
+        """503 before anything is written when the job could not be handed to the worker
+        hosts: Redis does not answer (a bounded PING)."""
+        if self.broker_unavailable is None:
+            return
+        reason = await self.broker_unavailable()
+        if reason is not None:
+            raise ApiError(
+                503,
+                "broker_unavailable",
+                f"the job was not created: {reason}; try again once it is back",
+                headers={"Retry-After": "5"},
+            )
 
     def _check_space(self, endpoint: str, params: Params, inputs: dict[str, bytes]) -> None:
         """507 before anything is written when the output disk cannot hold what this job may

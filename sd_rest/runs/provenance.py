@@ -110,6 +110,20 @@ class Provenance:
         self._queue([path])
         return None
 
+    def sha256_now(self, path: Path) -> str | None:
+        """Blocking (call it in a thread): the file's SHA-256, waiting for the background
+        thread to hash it if it is not known yet; None when it cannot be read, or hashing is
+        stopped. A remote job waits for it: its queue names the checkpoint by its digest."""
+        known = self.checkpoint_sha256(path)
+        if known is None and file_key(path) is not None:
+            self.wait()
+            with self._lock:
+                key = file_key(path)
+                found = self._digests.get(str(path)) if key is not None else None
+                if key is not None and found is not None and found[:2] == key[1:]:
+                    known = found[2]
+        return known
+
     def fork_commit(self) -> str | None:
         """None until the background thread has read it (or when nothing says)."""
         return self._commit

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final, Protocol
 
-from sd_rest.state.jobs import ImageRecord, Job
+from sd_rest.state.jobs import ImageRecord, Job, RemoteWorker
 
 RESIDENT: Final = "resident"
 
@@ -22,7 +22,16 @@ class RunSink(Protocol):
     """What a runner tells about the job it runs. `started` and `published` are durable
     (they raise OSError when the disk refuses them: the runner then stops its run)."""
 
-    async def started(self, pid: int | None) -> None: ...
+    async def started(self, pid: int | None, worker: RemoteWorker | None = None) -> None:
+        """`pid`: the local script's process; `worker`: the remote worker host's attempt
+        (--broker). A job already started by an earlier attempt goes back to the queue and
+        starts again (the images kept so far stay)."""
+        ...
+
+    async def requeued(self) -> None:
+        """A remote run was handed back (its worker host is stopping): the job waits in the
+        queue again for the next delivery."""
+        ...
 
     def progress(self, index: int, fraction: float) -> None: ...
 

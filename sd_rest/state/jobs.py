@@ -46,6 +46,30 @@ class ImageRecord:
         return cls(int(data["n"]), int(data["seed"]), int(data["position"]), str(data["sha256"]))
 
 
+@dataclass(frozen=True, slots=True)
+class RemoteWorker:
+    """The worker host running a job's current attempt (with `--broker`): kept in the sidecar
+    so that a restarted API node knows which attempt's reports count (cluster.md)."""
+
+    host: str
+    pid: int  # the worker host's `worker` process: never a process of this machine
+    attempt: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "pid": self.pid, "attempt": self.attempt}
+
+    @classmethod
+    def from_json(cls, data: Any) -> RemoteWorker | None:
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise TypeError("worker is not an object")
+        pid = data["pid"]
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            raise TypeError(f"worker pid {pid!r} is not a number")
+        return cls(str(data["host"]), pid, str(data["attempt"]))
+
+
 def job_id(
     endpoint: str,
     params: Params,
@@ -94,6 +118,7 @@ class Job:
     # What the request asked that the scripts cannot do (AUTOMATIC1111's dialect: a negative
     # prompt, another sampler...): named in each image's infotext, never dropped silently.
     notes: tuple[str, ...] = ()
+    worker: RemoteWorker | None = None  # the remote worker host running it (--broker)
 
     # Runtime only, never persisted.
     progress: tuple[int, float] | None = field(default=None, repr=False)
@@ -101,6 +126,8 @@ class Job:
     _status_body: bytes | None = field(default=None, repr=False)
     _body_position: int | None = field(default=None, repr=False)  # what _status_body shows
     _lock: asyncio.Lock | None = field(default=None, repr=False)
+    # Why a remote job waits: no live worker holds its checkpoint (--broker).
+    waiting: str | None = field(default=None, repr=False)
 
     @property
     def total_images(self) -> int:
@@ -122,6 +149,14 @@ class Job:
 
     def invalidate(self) -> None:
         self._status_body = None
+
+    def set_waiting(self, reason: str | None) -> bool:
+        """Say (or stop saying) why the job waits; returns whether it changed."""
+        if reason == self.waiting:
+            return False
+        self.waiting = reason
+        self._status_body = None
+        return True
 
     def set_progress(self, index: int, fraction: float) -> bool:
         """Move progress forward only; returns whether it changed."""
@@ -163,6 +198,10 @@ class Job:
             doc["error"] = self.error or "the script failed"
         if status is Status.QUEUED and position is not None:
             doc["position"] = position
+        if self.status is Status.IN_PROGRESS and self.worker is not None:
+            doc["worker"] = {"host": self.worker.host, "pid": self.worker.pid}
+        elif status is Status.QUEUED and self.waiting is not None:
+            doc["waiting"] = self.waiting
         return doc
 
     def status_body(self, position: int | None = None) -> bytes:
@@ -196,6 +235,7 @@ class Job:
             "attempts": self.attempts,
             "pid": self.pid,
             **({"notes": list(self.notes)} if self.notes else {}),
+            **({"worker": self.worker.to_json()} if self.worker is not None else {}),
         }
 
     @classmethod
@@ -242,6 +282,8 @@ class Job:
             attempts=int(data["attempts"]),
             pid=pid,
             notes=tuple(str(note) for note in data.get("notes", ())),
+            # Sidecars from before the cluster have none.
+            worker=RemoteWorker.from_json(data.get("worker")),
         )
 
 

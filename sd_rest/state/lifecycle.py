@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from sd_rest.state.jobs import ImageRecord, Job, Status
+from sd_rest.state.jobs import ImageRecord, Job, RemoteWorker, Status
 
 _RUNNABLE = frozenset({Status.QUEUED, Status.IN_PROGRESS})
 
@@ -90,9 +90,12 @@ def applied(job: Job, change: Change, now: float | None = None) -> Job:
 # --- the transitions, with what each one sets --------------------------------------------
 
 
-def start(job: Job, pid: int | None, now: float) -> Change:
+def start(job: Job, pid: int | None, now: float, worker: RemoteWorker | None = None) -> Change:
+    """`pid`: the local script's process; `worker`: the remote worker host's attempt instead
+    (--broker; its pid is no process of this machine, so never in `pid`)."""
     fields = {
         "pid": pid,
+        "worker": worker,
         "attempts": job.attempts + 1,
         "started_at": now,
         "error": None,
@@ -106,20 +109,25 @@ def publish(job: Job, record: ImageRecord) -> Change:
 
 
 def complete(now: float) -> Change:
-    return Change(Transition.COMPLETE, {"pid": None, "finished_at": now, "error": None})
+    return Change(
+        Transition.COMPLETE, {"pid": None, "worker": None, "finished_at": now, "error": None}
+    )
 
 
 def fail(error: str, now: float) -> Change:
-    return Change(Transition.FAIL, {"pid": None, "finished_at": now, "error": error})
+    return Change(
+        Transition.FAIL, {"pid": None, "worker": None, "finished_at": now, "error": error}
+    )
 
 
 def cancel(now: float) -> Change:
-    return Change(Transition.CANCEL, {"pid": None, "finished_at": now})
+    return Change(Transition.CANCEL, {"pid": None, "worker": None, "finished_at": now})
 
 
 def requeue(images: tuple[ImageRecord, ...] | None = None) -> Change:
     """Back to the queue, resumable: the server stopped, or died, while it ran. `images`: the
-    ones still on disk, when some went missing."""
+    ones still on disk, when some went missing. A remote job keeps its `worker`: the attempt
+    whose reports a restarted API node still takes."""
     fields: dict[str, Any] = {"pid": None}
     if images is not None:
         fields["images"] = images
@@ -128,4 +136,6 @@ def requeue(images: tuple[ImageRecord, ...] | None = None) -> Change:
 
 def retry(seq: int) -> Change:
     """Posted again after it failed or was canceled: queued anew, keeping its images."""
-    return Change(Transition.RETRY, {"seq": seq, "error": None, "finished_at": None})
+    return Change(
+        Transition.RETRY, {"seq": seq, "error": None, "finished_at": None, "worker": None}
+    )

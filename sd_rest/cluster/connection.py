@@ -1,0 +1,113 @@
+"""The API node's commands to Redis (redis.asyncio): whether Redis answers, a job enqueued
+(its hash and consumer group, then Dramatiq's message, then `enqueued=1`), read, canceled,
+its images counted as kept, and its keys deleted once it is finished. Imported only with
+--broker: redis and dramatiq are the `cluster` extra."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final
+
+import dramatiq
+import redis
+import redis.asyncio as aredis
+
+from sd_rest.cluster import broker, keys
+from sd_rest.cluster.message import JobMessage
+
+log = logging.getLogger(__name__)
+
+PING_TIMEOUT: Final = 1.0  # seconds a POST waits to learn whether Redis answers
+COMMAND_TIMEOUT: Final = 5.0  # a command's socket timeout (not the follower's blocked read)
+# What redis-py raises when Redis cannot be reached or talked to.
+UNREACHABLE: Final = (redis.ConnectionError, redis.TimeoutError, OSError, asyncio.TimeoutError)
+# Any failure of a command: the above, or an error Redis answered with (a wrong password...).
+FAILURES: Final = (*UNREACHABLE, redis.RedisError)
+
+
+def client(url: str, socket_timeout: float = COMMAND_TIMEOUT) -> aredis.Redis:
+    return aredis.Redis.from_url(
+        url, socket_connect_timeout=2.0, socket_timeout=socket_timeout, retry_on_timeout=False
+    )
+
+
+class NodeRedis:
+    def __init__(self, url: str, heartbeat_timeout: float) -> None:
+        self.url = url
+        self.heartbeat_timeout = heartbeat_timeout
+        self.redis = client(url)
+        self._broker: Any = None  # Dramatiq's broker (its own, blocking, client): made once
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        if self._broker is not None:
+            await asyncio.to_thread(self._broker.close)
+
+    async def unavailable(self) -> str | None:
+        """None when Redis answers a PING within PING_TIMEOUT; else why not, in one line."""
+        try:
+            await asyncio.wait_for(self.redis.ping(), PING_TIMEOUT)
+        except (*UNREACHABLE, redis.RedisError) as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                exc = TimeoutError(f"no answer within {PING_TIMEOUT:g} s")
+            return broker.explain(exc, self.url)
+        return None
+
+    async def job(self, endpoint: str, id_: str) -> dict[str, str] | None:
+        """The job's hash, or None when Redis has none (it lost it, or it was never made)."""
+        raw = await self.redis.hgetall(keys.job(endpoint, id_))
+        if not raw:
+            return None
+        return {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}
+
+    async def create(self, endpoint: str, id_: str, queue: str, made: int) -> None:
+        """A fresh hash and stream, with the API node's consumer group: what enqueue writes
+        before Dramatiq has the message (a stream of an earlier run goes first)."""
+        stream = keys.stream(endpoint, id_)
+        fields = {
+            "queue": queue, "made": made, "done": made, "enqueued": 0, "canceled": 0,
+            "deliveries": 0,
+        }  # fmt: skip
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(stream, keys.job(endpoint, id_))
+            pipe.hset(keys.job(endpoint, id_), mapping=fields)
+            await pipe.execute()
+        await self.ensure_group(stream)
+
+    async def ensure_group(self, stream: str) -> None:
+        try:
+            await self.redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def send(self, queue: str, message: JobMessage) -> None:
+        """Dramatiq's message for the job, then `enqueued=1` in its hash."""
+        if self._broker is None:
+            self._broker = broker.make_broker(self.url, self.heartbeat_timeout)
+        dramatiq_message = dramatiq.Message(
+            queue_name=queue,
+            actor_name=keys.ACTOR,
+            args=(message.to_json(),),
+            kwargs={},
+            options={},
+        )
+        await asyncio.to_thread(self._broker.enqueue, dramatiq_message)
+        await self.redis.hset(keys.job(message.endpoint, message.id), "enqueued", 1)
+
+    async def cancel(self, endpoint: str, id_: str) -> None:
+        """`canceled=1` (a worker taking the message later never runs it), then the news to
+        the worker host running it."""
+        job = keys.job(endpoint, id_)
+        if await self.redis.exists(job):
+            await self.redis.hset(job, "canceled", 1)
+        await self.redis.publish(keys.CANCEL_CHANNEL, f"{endpoint}:{id_}")
+
+    async def kept(self, endpoint: str, id_: str, n: int) -> None:
+        """Image `n` is durably kept here."""
+        await self.redis.hset(keys.job(endpoint, id_), "done", n)
+
+    async def forget(self, endpoint: str, id_: str) -> None:
+        """A finished job: its hash and stream are no longer needed."""
+        await self.redis.delete(keys.job(endpoint, id_), keys.stream(endpoint, id_))

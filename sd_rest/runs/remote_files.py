@@ -1,0 +1,45 @@
+"""What a remote run reads from this node's disk and writes to it besides the images: the
+job's input files for its message, and the tail of the worker's script output in the job's
+log (remote_runner.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sd_rest.cluster.entries import End
+from sd_rest.cluster.message import Checkpoint, JobMessage
+from sd_rest.state.files import read_plain
+from sd_rest.state.jobs import Job
+from sd_rest.state.store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+class InputsUnreadable(Exception):
+    """The job's input files could not be read from its folder: it fails saying so."""
+
+
+async def message_for(store: JobStore, job: Job, checkpoint: Checkpoint) -> JobMessage:
+    """The job's message: ids, parameters, checkpoint and the input files' bytes."""
+    folder = store.layout.inputs_dir(job.endpoint, job.id)
+    inputs = {}
+    for field, name in job.inputs.items():
+        try:
+            inputs[field] = await asyncio.to_thread(read_plain, folder / name)
+        except OSError as exc:
+            raise InputsUnreadable(
+                f"the job's input files could not be read ({exc.strerror or exc}); POST it "
+                "again to restore them"
+            ) from None
+    return JobMessage(job.endpoint, job.id, job.params, checkpoint, inputs)
+
+
+def append_log(store: JobStore, job: Job, entry: End) -> None:
+    """The tail of the worker's script output, in the job's log, as a local run's output."""
+    text = f"\n=== sd-rest remote run ({entry.outcome}), the end of its log:\n{entry.log_tail}"
+    try:
+        with open(store.layout.log(job.endpoint, job.id), "ab") as file:
+            file.write(text.encode())
+    except OSError as exc:
+        log.warning("job %s/%s: its log could not be written: %s", job.endpoint, job.id, exc)

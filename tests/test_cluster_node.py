@@ -1,0 +1,469 @@
+"""The API node with --broker (issue 19, cluster.md): real API-node servers and a real
+redis-server; a stand-in for a worker host (clusterfakes.py) takes the Dramatiq messages and
+writes the job streams as the fence does. A POST enqueues the job; the stream's entries make
+its status, images and events; entries of an old attempt and duplicate images are ignored; an
+API node killed mid-job catches up after its restart; Redis down or emptied; cancel; the worker
+hosts in `GET /`."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from sd_rest.cluster import entries, keys
+from sd_rest.setup.demo import demo_checkpoint
+
+from clusterfakes import Attempt, StandInWorker
+from helpers import Server, end_all, png_bytes, wait_until
+from redisserver import RedisServer
+from sse import EventStream, job_events, names
+
+TWO_IMAGES = {"prompt": "a lighthouse", "iterations": 1, "batchSize": 2, "seed": 7}
+
+
+def demo_queue(model: str) -> str:
+    path = demo_checkpoint(model)
+    return keys.queue_for(path.name, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+TEXT_QUEUE = demo_queue("text-to-image")
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    end_all(started)
+
+
+@pytest.fixture
+def node(
+    tmp_path: Path, certs: tuple[str, str, str], redis_url: str, servers: list[Server]
+) -> Server:
+    server = Server(tmp_path / "output", certs, args=["--broker", redis_url])
+    servers.append(server.start())
+    return server
+
+
+@pytest.fixture
+def worker(redis_url: str) -> Iterator[StandInWorker]:
+    stand_in = StandInWorker(redis_url)
+    yield stand_in
+    stand_in.close()
+
+
+def post(server: Server, doc: dict[str, Any] = TWO_IMAGES) -> str:
+    response = server.post_json("text-to-image", doc)
+    assert response.status == 303, response.body
+    return response.json()["resultUrl"]
+
+
+def job_key(url: str) -> tuple[str, str]:
+    endpoint, id_ = url.strip("/").split("/")
+    return endpoint, id_
+
+
+def begin(worker: StandInWorker, url: str) -> Attempt:
+    message = worker.take(TEXT_QUEUE)
+    assert (message.endpoint, message.id) == job_key(url)
+    run = worker.start(*job_key(url))
+    assert isinstance(run, Attempt), run
+    return run
+
+
+def hash_of(client: redis.Redis, url: str) -> dict[str, str]:
+    raw = client.hgetall(keys.job(*job_key(url)))
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def kept_images(server: Server, url: str) -> int:
+    return len(server.get(url).json()["images"])
+
+
+# --- enqueue -------------------------------------------------------------------------------
+
+
+def test_a_post_enqueues_the_job_with_its_inputs(
+    node: Server, worker: StandInWorker, redis_server: RedisServer
+) -> None:
+    init = png_bytes(256, 256, (10, 200, 30))
+    response = node.post_form(
+        "image-to-image", {"prompt": "a boat", "strength": "0.5"}, {"image": init}
+    )
+    assert response.status == 303, response.body
+    url = response.json()["resultUrl"]
+    client = redis_server.client()
+    state = wait_until(
+        lambda: hash_of(client, url).get("enqueued") == "1" and hash_of(client, url), "enqueued"
+    )
+    assert state["queue"] == TEXT_QUEUE
+    assert (state["made"], state["done"], state["canceled"], state["deliveries"]) == ("0",) * 4
+    groups = client.xinfo_groups(keys.stream(*job_key(url)))
+    assert [group["name"] for group in groups] == [keys.GROUP.encode()]
+    message = worker.take(TEXT_QUEUE)
+    assert (message.endpoint, message.id) == job_key(url)
+    assert message.params["prompt"] == "a boat"
+    assert message.checkpoint.name == "text-to-image.ckpt"
+    assert (
+        message.checkpoint.sha256
+        == hashlib.sha256(demo_checkpoint("text-to-image").read_bytes()).hexdigest()
+    )
+    folder = node.output.joinpath(*job_key(url)) / "inputs"
+    sidecar = json.loads((node.output.joinpath(*job_key(url)) / "job.json").read_bytes())
+    assert message.inputs == {
+        field: (folder / name).read_bytes() for field, name in sidecar["inputs"].items()
+    }
+    assert set(message.inputs) == {"image"}
+    # No live worker holds the checkpoint: the job says so while it waits.
+    doc = node.get(url).json()
+    assert doc["status"] == "QUEUED" and doc["position"] == 1
+    assert doc["waiting"].startswith("no live worker holds the text-to-image checkpoint")
+    info = node.get("/").json()
+    assert (info["runner"], info["queued"], info["running"]) == ("remote", 1, 0)
+
+
+# --- the stream ----------------------------------------------------------------------------
+
+
+def test_the_stream_makes_the_status_images_and_events(
+    node: Server, worker: StandInWorker, redis_server: RedisServer
+) -> None:
+    client = redis_server.client()
+    with EventStream(node, "/events") as events:
+        url = post(node)
+        run = begin(worker, url)
+        doc = wait_until(lambda: (d := node.get(url).json()).get("worker") and d, "the worker")
+        assert doc["worker"] == {"host": worker.host, "pid": worker.pid}
+        assert doc["status"] == "QUEUED" and doc["position"] == 0  # loading: no progress yet
+        assert "waiting" not in doc
+        assert worker.progress(run, 1, 0.5) == 1
+        doc = node.wait_status(url, {"IN_PROGRESS"})
+        assert doc["progress"]["currentImageIndex"] == 1
+        assert doc["worker"] == {"host": worker.host, "pid": worker.pid}
+        first, second = png_bytes(32, 32, (1, 2, 3)), png_bytes(32, 32, (4, 5, 6))
+        assert worker.image(run, 1, first, seed=7, position=1) == 1
+        wait_until(lambda: kept_images(node, url) == 1, "image 1")
+        assert hash_of(client, url)["done"] == "1"
+        # Read again (never acknowledged, or a late copy): already kept, skipped.
+        client.xadd(keys.stream(*job_key(url)), entries.image(run.attempt, 1, 99, 1, second))
+        # An attempt that is not the current one: ignored, whatever it says.
+        old = "0" * 32
+        client.xadd(keys.stream(*job_key(url)), entries.image(old, 2, 99, 1, second))
+        client.xadd(keys.stream(*job_key(url)), entries.end(old, "failed", "stale", b""))
+        assert worker.progress(run, 2, 0.25) == 1
+        wait_until(lambda: node.get(url).json()["progress"]["currentImageIndex"] == 2, "progress")
+        assert kept_images(node, url) == 1
+        assert worker.image(run, 2, second, seed=7, position=2) == 1
+        assert worker.end(run, "complete") == 1
+        doc = node.wait_status(url, {"COMPLETE", "FAILED"})
+        got = events.until(lambda e: e.event == "complete")
+    assert doc["status"] == "COMPLETE" and "worker" not in doc
+    assert [(i["seed"], i["position"]) for i in doc["images"]] == [(7, 1), (7, 2)]
+    assert node.get(f"{url}/1.png").body == first
+    assert node.get(f"{url}/2.png").body == second
+    mine = names(job_events(got, job_key(url)[1]))
+    assert mine[0] == "queued" and mine[-1] == "complete"
+    assert mine.count("image") == 2 and "started" in mine and "progress" in mine
+    # Finished: nothing of it is left in Redis.
+    wait_until(
+        lambda: not client.exists(keys.job(*job_key(url)), keys.stream(*job_key(url))), "gone"
+    )
+    sidecar = json.loads((node.output.joinpath(*job_key(url)) / "job.json").read_bytes())
+    assert sidecar["pid"] is None and "worker" not in sidecar
+    assert "stand-in log tail" in (node.output.joinpath(*job_key(url)) / "job.log").read_text()
+
+
+def test_a_new_attempt_restarts_the_job_and_keeps_its_images(
+    node: Server, worker: StandInWorker, redis_url: str
+) -> None:
+    url = post(node)
+    run = begin(worker, url)
+    worker.progress(run, 1, 0.5)
+    worker.image(run, 1, png_bytes(16, 16), seed=7, position=1)
+    wait_until(lambda: kept_images(node, url) == 1, "image 1")
+    # The job is delivered again (its worker host died): a second host starts it.
+    other = StandInWorker(redis_url, host="second-host", pid=777)
+    try:
+        again = other.start(*job_key(url))
+        assert isinstance(again, Attempt) and again.made == 1
+        assert worker.image(run, 2, png_bytes(16, 16, (9, 9, 9)), 7, 2) == 0  # fenced off
+        doc = wait_until(
+            lambda: (
+                (d := node.get(url).json()).get("worker", {}).get("host") == "second-host" and d
+            ),
+            "2nd",
+        )
+        assert doc["worker"] == {"host": "second-host", "pid": 777}
+        other.progress(again, 2, 0.5)
+        assert other.image(again, 2, png_bytes(16, 16, (5, 5, 5)), seed=8, position=1) == 1
+        other.end(again, "complete")
+    finally:
+        other.close()
+    doc = node.wait_status(url, {"COMPLETE", "FAILED"})
+    assert [(i["seed"], i["position"]) for i in doc["images"]] == [(7, 1), (8, 1)]
+    sidecar = json.loads((node.output.joinpath(*job_key(url)) / "job.json").read_bytes())
+    assert sidecar["attempts"] == 2
+
+
+def test_stopped_requeues_and_the_redelivery_ends_it(node: Server, worker: StandInWorker) -> None:
+    url = post(node)
+    run = begin(worker, url)
+    worker.progress(run, 1, 0.5)
+    node.wait_status(url, {"IN_PROGRESS"})
+    assert worker.end(run, "stopped") == 1  # its host is shutting down
+    doc = wait_until(lambda: (d := node.get(url).json()).get("position") == 1 and d, "queued again")
+    assert doc["status"] == "QUEUED" and "worker" not in doc
+    again = worker.start(*job_key(url))
+    assert isinstance(again, Attempt)
+    worker.end(again, "failed", "CUDA out of memory")
+    doc = node.wait_status(url, {"FAILED"})
+    assert doc["error"] == "CUDA out of memory"
+
+
+def test_the_end_the_fence_adds_for_a_job_whose_workers_died_fails_it(
+    node: Server, worker: StandInWorker
+) -> None:
+    url = post(node)
+    begin(worker, url)
+    for _ in range(2):  # delivered again after each host death
+        assert isinstance(worker.start(*job_key(url)), Attempt)
+    # A fourth delivery: the fence ends it under an attempt that never started.
+    assert worker.start(*job_key(url)) == "dead"
+    doc = node.wait_status(url, {"FAILED", "COMPLETE"})
+    assert doc["error"].startswith(f"its worker died 3 times: {worker.host} (pid {worker.pid})")
+
+
+# --- restarts ------------------------------------------------------------------------------
+
+
+def test_a_node_killed_mid_job_catches_up_without_enqueueing_again(
+    node: Server, worker: StandInWorker, redis_server: RedisServer
+) -> None:
+    client = redis_server.client()
+    url = post(node)
+    run = begin(worker, url)
+    worker.progress(run, 1, 0.5)
+    worker.image(run, 1, png_bytes(16, 16), seed=7, position=1)
+    wait_until(lambda: kept_images(node, url) == 1, "image 1")
+    node.kill()  # SIGKILL
+    # Made while the API node is down: kept in the stream for it.
+    second = png_bytes(16, 16, (200, 0, 0))
+    assert worker.image(run, 2, second, seed=7, position=2) == 1
+    assert worker.end(run, "complete") == 1
+    node.start()
+    doc = node.wait_status(url, {"COMPLETE", "FAILED"})
+    assert doc["status"] == "COMPLETE", doc
+    assert [(i["seed"], i["position"]) for i in doc["images"]] == [(7, 1), (7, 2)]
+    assert node.get(f"{url}/2.png").body == second
+    # Followed, not enqueued again: no second message, one delivery.
+    assert client.llen(f"{keys.DRAMATIQ_NAMESPACE}:{TEXT_QUEUE}") == 0
+    assert not client.exists(keys.job(*job_key(url)))
+
+
+def test_a_node_restarted_while_its_job_runs_follows_the_same_attempt(
+    node: Server, worker: StandInWorker, redis_server: RedisServer
+) -> None:
+    url = post(node)
+    run = begin(worker, url)
+    worker.progress(run, 1, 0.5)
+    node.wait_status(url, {"IN_PROGRESS"})
+    assert node.stop(signal.SIGTERM) == 0  # stopping leaves Redis alone
+    assert hash_of(redis_server.client(), url)["attempt"] == run.attempt
+    node.start()
+    doc = wait_until(lambda: (d := node.get(url).json()).get("worker") and d, "the worker again")
+    assert doc["worker"]["host"] == worker.host
+    worker.progress(run, 1, 0.9)
+    worker.image(run, 1, png_bytes(16, 16), seed=7, position=1)
+    worker.image(run, 2, png_bytes(16, 16), seed=7, position=2)
+    worker.end(run, "complete")
+    assert node.wait_status(url, {"COMPLETE", "FAILED"})["status"] == "COMPLETE"
+    assert redis_server.client().llen(f"{keys.DRAMATIQ_NAMESPACE}:{TEXT_QUEUE}") == 0
+
+
+# --- Redis down ----------------------------------------------------------------------------
+
+
+def test_redis_down_refuses_posts_serves_the_rest_and_an_emptied_redis_gets_the_job_again(
+    tmp_path: Path, certs: tuple[str, str, str], servers: list[Server]
+) -> None:
+    own = RedisServer(tmp_path / "redis").start()
+    try:
+        node = Server(tmp_path / "output", certs, args=["--broker", own.url])
+        servers.append(node.start())
+        worker = StandInWorker(own.url)
+        done_url = post(node)
+        run = begin(worker, done_url)
+        worker.image(run, 1, png_bytes(16, 16), 7, 1)
+        worker.image(run, 2, png_bytes(16, 16), 7, 2)
+        worker.end(run, "complete")
+        node.wait_status(done_url, {"COMPLETE"})
+        waiting_url = post(node, {**TWO_IMAGES, "prompt": "waits"})
+        wait_until(lambda: hash_of(own.client(), waiting_url).get("enqueued") == "1", "enqueued")
+        worker.close()
+        own.stop()
+        folders = sorted((node.output / "text-to-image").iterdir())
+        response = node.post_json("text-to-image", {**TWO_IMAGES, "prompt": "refused"})
+        assert response.status == 503
+        error = response.json()["error"]
+        assert error["code"] == "broker_unavailable" and "Redis" in error["message"]
+        assert sorted((node.output / "text-to-image").iterdir()) == folders
+        assert node.get("/").status == 200
+        assert {i["resultUrl"] for i in node.get("/jobs").json()["items"]} == {
+            done_url,
+            waiting_url,
+        }
+        assert node.get(f"{done_url}/1.png").status == 200
+        assert node.get(waiting_url).json()["status"] == "QUEUED"
+        own.start()  # empty: it lost the waiting job
+        state = wait_until(
+            lambda: hash_of(own.client(), waiting_url).get("enqueued") == "1", "again", 30
+        )
+        assert state
+        worker = StandInWorker(own.url)
+        message = worker.take(TEXT_QUEUE)
+        assert message.id == job_key(waiting_url)[1]
+        worker.close()
+        assert node.post_json("text-to-image", {**TWO_IMAGES, "prompt": "back"}).status == 303
+    finally:
+        own.stop()
+
+
+# --- cancel --------------------------------------------------------------------------------
+
+
+def test_delete_of_a_running_remote_job_cancels_it_and_tells_the_worker(
+    node: Server, worker: StandInWorker, redis_server: RedisServer
+) -> None:
+    url = post(node)
+    run = begin(worker, url)
+    worker.progress(run, 1, 0.3)
+    node.wait_status(url, {"IN_PROGRESS"})
+    pubsub = redis_server.client().pubsub()
+    pubsub.subscribe(keys.CANCEL_CHANNEL)
+    seen: list[Any] = []
+    monitor = threading.Thread(target=_monitor, args=(redis_server, seen), daemon=True)
+    monitor.start()
+    time.sleep(0.2)  # the monitor is connected
+    response = node.request("DELETE", url)
+    # The DELETE waits at most 2 s for the run's end: CANCELED in its answer is within them.
+    assert response.status == 200 and response.json()["status"] == "CANCELED"
+    message = wait_until(
+        lambda: pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1), "the news"
+    )
+    assert message["data"] == f"{job_key(url)[0]}:{job_key(url)[1]}".encode()
+    wait_until(
+        lambda: any(b"canceled" in line and b"HSET" in line.upper() for line in seen), "HSET"
+    )
+    assert worker.progress(run, 1, 0.5) in (0, -1)  # the worker is told to stop
+
+
+def _monitor(redis_server: RedisServer, seen: list[Any]) -> None:
+    """Every command Redis runs, until the cancel's HSET (MONITOR)."""
+    with contextlib.suppress(redis.RedisError), redis_server.client().monitor() as watch:
+        for command in watch.listen():
+            seen.append(command["command"].encode())
+            if b"canceled" in seen[-1] and seen[-1].upper().startswith(b"HSET"):
+                return
+
+
+def test_a_canceled_queued_remote_job_never_starts(node: Server, worker: StandInWorker) -> None:
+    url = post(node)
+    assert node.request("DELETE", url).json()["status"] == "CANCELED"
+    worker.take(TEXT_QUEUE)
+    assert worker.start(*job_key(url)) in ("gone", "canceled")
+
+
+# --- the worker hosts in GET / -------------------------------------------------------------
+
+
+def test_get_index_lists_the_live_worker_hosts_and_the_endpoints_none_serves(
+    node: Server, worker: StandInWorker, redis_server: RedisServer
+) -> None:
+    text = demo_checkpoint("text-to-image")
+    digest = hashlib.sha256(text.read_bytes()).hexdigest()
+    worker.register(
+        [{"model": "text-to-image", "name": text.name, "sha256": digest,
+          "queues": [TEXT_QUEUE, keys.queue_for(text.name, None)]}],
+        state="busy", jobs=[{"endpoint": "text-to-image", "id": "a" * 32}], served=3,
+    )  # fmt: skip
+    client = redis_server.client()
+    client.sadd(keys.WORKERS, "expired-one")  # its record is gone: a dead host
+    info = wait_until(lambda: (d := node.get("/").json())["workers"] and d, "the worker")
+    [listed] = info["workers"]
+    assert listed["host"] == worker.host and listed["pid"] == worker.pid
+    assert listed["state"] == "busy" and listed["served"] == 3
+    assert listed["jobs"] == [{"endpoint": "text-to-image", "id": "a" * 32}]
+    assert listed["models"] == [{"model": "text-to-image", "name": text.name, "sha256": digest}]
+    assert isinstance(listed["last_heartbeat"], float)
+    assert set(info["unserved"]) == {"/inpaint-image"}
+    assert "no live worker holds the inpaint-image checkpoint" in info["unserved"]["/inpaint-image"]
+    wait_until(lambda: not client.sismember(keys.WORKERS, "expired-one"), "pruned")
+    url = post(node)
+    wait_until(lambda: hash_of(client, url).get("enqueued") == "1", "enqueued")
+    assert "waiting" not in node.get(url).json()  # a live worker can take it
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def _start_line(
+    args: list[str], tmp_path: Path, prelude: str = ""
+) -> subprocess.CompletedProcess[str]:
+    code = f"{prelude}import sys; from sd_rest.cli import main; sys.argv[0] = 'x'; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, "--demo", "--output", str(tmp_path / "out"), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_a_bad_broker_url_is_one_line(tmp_path: Path) -> None:
+    done = _start_line(["--broker", "http://example.com"], tmp_path)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "redis:// or rediss://" in lines[0], done.stderr
+
+
+def test_a_missing_cluster_extra_is_one_line(tmp_path: Path) -> None:
+    blocked = "import sys; sys.modules['dramatiq'] = None; "
+    done = _start_line(["--broker", "redis://127.0.0.1:1/0"], tmp_path, blocked)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cluster extra" in lines[0] and "Traceback" not in done.stderr
+
+
+def test_a_server_without_broker_starts_without_the_extra(
+    tmp_path: Path, certs: tuple[str, str, str], servers: list[Server]
+) -> None:
+    server = Server(tmp_path / "output", certs)
+    blocked = "import sys; sys.modules['dramatiq'] = None; sys.modules['redis'] = None; "
+    run = "import runpy; runpy.run_module('sd_rest', run_name='__main__')"
+    command = server.command
+    server.command = lambda: [sys.executable, "-c", blocked + run, *command()[3:]]  # type: ignore[method-assign]
+    servers.append(server.start())
+    assert server.get("/").json()["runner"] == "resident"
+
+
+def test_an_unreachable_redis_at_start_is_a_warning_and_posts_get_503(
+    tmp_path: Path, certs: tuple[str, str, str], servers: list[Server]
+) -> None:
+    from helpers import free_port
+
+    url = f"redis://:nope@127.0.0.1:{free_port()}/0"
+    server = Server(tmp_path / "output", certs, args=["--broker", url])
+    servers.append(server.start())
+    assert "cannot reach Redis" in server.log() and ":***@" in server.log()
+    assert "nope" not in server.log()
+    response = server.post_json("text-to-image", TWO_IMAGES)
+    assert response.status == 503 and response.json()["error"]["code"] == "broker_unavailable"
