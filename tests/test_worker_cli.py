@@ -126,3 +126,18 @@ def test_check_fails_saying_what(tmp_path: Path, redis_url: str, problem: str) -
     item = "broker" if problem == "password" else "repository"
     assert failed and failed[0].split()[1] == item, done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_the_scratch_folder_is_cleared_and_dead_ones_removed(tmp_path: Path) -> None:
+    from sd_rest.workerhost.folders import scratch_folder
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for name in (str(gone.pid), str(os.getpid()), "12345678", "notes"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "left.png").write_bytes(b"x")
+    mine = scratch_folder(tmp_path, 12345678)
+    assert mine == tmp_path / "12345678" and list(mine.iterdir()) == []  # cleared
+    assert not (tmp_path / str(gone.pid)).exists()  # its process is gone
+    assert (tmp_path / str(os.getpid()) / "left.png").exists()  # a live process's
+    assert (tmp_path / "notes" / "left.png").exists()  # not a scratch folder
