@@ -1,3 +1,3 @@
-from sd_rest.cli import main
+from sd_rest.cli import entry
 
-main(prog_name="stable-diffusion-rest-api")
+entry()

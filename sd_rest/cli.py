@@ -331,6 +331,18 @@ def _broker(url: str | None) -> str | None:
     return url
 
 
+def entry() -> None:
+    """The installed command: `worker ...` runs a worker host (workerhost/command.py);
+    everything else is the server's command line."""
+    args = sys.argv[1:]
+    if args[:1] == ["worker"]:
+        from sd_rest.workerhost.command import PROG, worker
+
+        worker.main(args=args[1:], prog_name=PROG)
+    else:
+        main.main(args=args, prog_name="stable-diffusion-rest-api")
+
+
 def run_server(
     settings: Settings,
     host: str,

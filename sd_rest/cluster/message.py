@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from sd_rest.endpoints import ENDPOINTS
@@ -34,6 +34,9 @@ class JobMessage:
     params: Params
     checkpoint: Checkpoint
     inputs: dict[str, bytes]  # field -> the file's bytes
+    # field -> SHA-256 of the bytes the client sent (they make the job's id): the worker puts
+    # them in each image's metadata, as a local run does. Optional: {} when not sent.
+    uploads: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,6 +46,7 @@ class JobMessage:
             "params": self.params,
             "checkpoint": {"name": self.checkpoint.name, "sha256": self.checkpoint.sha256},
             "inputs": {k: base64.b64encode(v).decode("ascii") for k, v in self.inputs.items()},
+            "uploads": self.uploads,
         }
 
     @classmethod
@@ -76,4 +80,10 @@ class JobMessage:
             decoded = {str(k): base64.b64decode(v, validate=True) for k, v in inputs.items()}
         except (binascii.Error, TypeError, ValueError):
             raise BadMessage("an input file is not base64") from None
-        return cls(endpoint, id_, params, Checkpoint(checkpoint["name"], digest), decoded)
+        uploads = data.get("uploads", {})
+        if not isinstance(uploads, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in uploads.items()
+        ):
+            raise BadMessage("uploads is not an object of digests")
+        checkpoint_ = Checkpoint(checkpoint["name"], digest)
+        return cls(endpoint, id_, params, checkpoint_, decoded, dict(uploads))

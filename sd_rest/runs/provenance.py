@@ -236,12 +236,17 @@ _INSTANCES: dict[tuple[Path, Path], Provenance] = {}
 _INSTANCES_LOCK = threading.Lock()
 
 
-def provenance_for(output: Path, repository: Path) -> Provenance:
+def provenance_for(
+    output: Path, repository: Path, cache_file: Path | None = None
+) -> Provenance:
     """The one Provenance of a server's output folder and repository, shared by the manager
-    (which starts it with the server) and every run (which asks it at each image)."""
+    (which starts it with the server) and every run (which asks it at each image). Its cache
+    is `<output>/.checkpoints.json` unless `cache_file` says (a worker host's output is a
+    scratch folder cleared at each start: its cache lives beside it)."""
     key = (output, repository)
     with _INSTANCES_LOCK:
         found = _INSTANCES.get(key)
         if found is None or found._stop.is_set():
-            found = _INSTANCES[key] = Provenance(output / ".checkpoints.json", repository)
+            cache = cache_file or output / ".checkpoints.json"
+            found = _INSTANCES[key] = Provenance(cache, repository)
         return found

@@ -1,0 +1,111 @@
+"""The worker host's record in the registry (cluster.md): a JSON string at keys.worker(id),
+set with an expiry of the heartbeat timeout and refreshed well within it by a thread of its
+own, its id in keys.WORKERS; deleted on a clean exit. The API node lists the live ones in
+`GET /` and prunes the ids whose record expired (a host that died)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from sd_rest import __version__
+from sd_rest.cluster import keys
+
+if TYPE_CHECKING:
+    import redis
+
+log = logging.getLogger(__name__)
+
+MOST_APART: Final = 2.0  # seconds between two refreshes, at most
+
+
+def refresh_every(heartbeat_timeout: float) -> float:
+    return min(heartbeat_timeout / 3, MOST_APART)
+
+
+def record(
+    worker_id: str,
+    host: str,
+    pid: int,
+    jobs: list[dict[str, str]],
+    models: list[dict[str, Any]],
+    served: int,
+    concurrency: int,
+    runner: str,
+) -> dict[str, Any]:
+    """The record, in the format both halves read (cluster.md)."""
+    return {
+        "id": worker_id,
+        "host": host,
+        "pid": pid,
+        "state": "busy" if jobs else "idle",
+        "jobs": jobs,
+        "models": models,
+        "served": served,
+        "heartbeat": time.time(),
+        "concurrency": concurrency,
+        "runner": runner,
+        "version": __version__,
+    }
+
+
+class Heartbeat:
+    """Writes `describe()` every `refresh_every(timeout)` seconds until `stop`."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        worker_id: str,
+        heartbeat_timeout: float,
+        describe: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.client = client
+        self.worker_id = worker_id
+        self.timeout_ms = int(heartbeat_timeout * 1000)
+        self.every = refresh_every(heartbeat_timeout)
+        self.describe = describe
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="registry", daemon=True)
+        self._failing = False
+
+    def start(self) -> None:
+        self.beat()  # listed before the first job can come
+        self._thread.start()
+
+    def beat(self) -> None:
+        from redis.exceptions import RedisError
+
+        try:
+            pipe = self.client.pipeline()
+            pipe.set(keys.worker(self.worker_id), json.dumps(self.describe()), px=self.timeout_ms)
+            pipe.sadd(keys.WORKERS, self.worker_id)
+            pipe.execute()
+        except (RedisError, OSError) as exc:
+            if not self._failing:  # once per outage
+                log.warning("the registry record could not be written: %s", exc)
+            self._failing = True
+            return
+        if self._failing:
+            log.info("the registry record is written again")
+        self._failing = False
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            self.beat()
+
+    def stop(self) -> None:
+        """Stop beating and delete the record: the host leaves the list at once."""
+        from redis.exceptions import RedisError
+
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        try:
+            self.client.delete(keys.worker(self.worker_id))
+            self.client.srem(keys.WORKERS, self.worker_id)
+        except (RedisError, OSError) as exc:
+            log.warning("the registry record could not be deleted (it expires): %s", exc)

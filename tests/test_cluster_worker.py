@@ -1,0 +1,349 @@
+"""Worker hosts (`stable-diffusion-rest-api worker`) as real processes on a real redis-server,
+driven without an API node: each job's hash and consumer group made as cluster.md says, a
+real Dramatiq message enqueued, the job's stream read back and decoded. What a host adds,
+what the fence keeps it from adding, cancels, dead workers counted, and the graceful stop."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from sd_rest.cluster import entries, keys
+from sd_rest.cluster.message import JobMessage
+from sd_rest.endpoints import ENDPOINTS
+from sd_rest.images.pngfile import is_complete_png, png_size
+
+from clusterjobs import (
+    TEXT_TO_IMAGE,
+    WorkerHost,
+    create_job,
+    demo_checkpoint,
+    enqueue,
+    job_message,
+    queue_length,
+    stream_entries,
+    submit,
+    wait_end,
+)
+from helpers import mask_bytes, png_bytes, script_pids, wait_gone, wait_until
+from redisserver import RedisServer
+from redisserver import skip_reason as redis_skip_reason
+
+SLOW = {"SD_SIM_STEP_SECONDS": "0.05"}  # 8 steps: 0.4 s an image, time to act mid-run
+
+
+@pytest.fixture(scope="module")
+def host(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One worker host for the module's jobs: one process per script run (a cancel ends
+    its process), heartbeats 2 s apart at most."""
+    folder = tmp_path_factory.mktemp("host")
+    argv_log = folder / "argv.jsonl"
+    worker = WorkerHost(
+        redis_server.url,
+        folder / "worker",
+        ["--runner", "process", "--heartbeat-timeout", "2"],
+        {**SLOW, "SD_SIM_ARGV_LOG": str(argv_log)},
+    )
+    worker.start()
+    worker.argv_log = argv_log  # type: ignore[attr-defined]
+    yield worker
+    worker.end()
+
+
+@pytest.fixture
+def client(redis_url: str, host: WorkerHost) -> Any:
+    """The emptied Redis, once the module's host is listed in it again."""
+    import redis
+
+    found = redis.Redis.from_url(redis_url)
+    wait_until(lambda: host.record(found), "the host's record")
+    return found
+
+
+def ran(host: WorkerHost, message: JobMessage) -> list[int]:
+    return script_pids(host.argv_log, f"/{message.endpoint}/{message.id}")  # type: ignore[attr-defined]
+
+
+def served(client: Any, host: WorkerHost) -> int:
+    record = host.record(client)
+    assert record is not None
+    return int(record["served"])
+
+
+def acknowledged(client: Any, message: JobMessage) -> bool:
+    """Dramatiq has taken the message off its queue and acknowledged it."""
+    queue = keys.queue_for(message.checkpoint.name, message.checkpoint.sha256)
+    pending = client.hlen(f"{keys.DRAMATIQ_NAMESPACE}:{queue}.msgs")
+    return queue_length(client, queue) == 0 and pending == 0
+
+
+def check_complete(found: list[entries.Entry], total: int, seed: int, size: tuple[int, int]):
+    """started first, progress moving forward, every image once in order with its seed and
+    position and PNG bytes, end complete last: all of one attempt."""
+    started, end = found[0], found[-1]
+    assert isinstance(started, entries.Started) and started.delivery == 1
+    assert end == entries.End(started.attempt, "complete", None, end.log_tail)
+    assert "=== sd-rest run 1 at" in end.log_tail  # the scratch job.log, its tail
+    assert {entry.attempt for entry in found} == {started.attempt}
+    images = [e for e in found if isinstance(e, entries.Image)]
+    assert [(i.n, i.seed, i.position) for i in images] == [
+        (n, seed, n) for n in range(1, total + 1)
+    ]
+    for image in images:
+        assert is_complete_png(image.png) and png_size(image.png) == size
+        assert _label(image.png)["image"] == {"number": image.n, "seed": seed, "position": image.n}
+    progress = [(p.index, p.fraction) for p in found if isinstance(p, entries.Progress)]
+    assert progress and progress == sorted(progress)
+    return images
+
+
+def _label(png: bytes) -> dict[str, Any]:
+    """The sd-rest metadata a run adds to each image."""
+    with Image.open(io.BytesIO(png)) as image:
+        return json.loads(image.text["sd-rest"])  # type: ignore[attr-defined]
+
+
+def test_a_job_runs_and_reports_every_step(client: Any, host: WorkerHost, redis_url: str) -> None:
+    message = job_message("text-to-image", {**TEXT_TO_IMAGE, "iterations": 2, "batchSize": 2})
+    submit(client, redis_url, message)
+    found = wait_end(client, message)
+    check_complete(found, 4, 42, (256, 256))
+    started = found[0]
+    assert isinstance(started, entries.Started)
+    record = host.record(client)
+    assert record is not None and host.process is not None
+    assert (started.worker.host, started.worker.pid) == (record["host"], host.process.pid)
+    assert client.hget(keys.job(message.endpoint, message.id), "made") == b"4"
+    assert len(ran(host, message)) == 1
+
+
+def test_the_registry_record_lists_the_models_and_their_queues(
+    client: Any, host: WorkerHost
+) -> None:
+    record = host.record(client)
+    assert record is not None
+    assert record["state"] == "idle" and record["jobs"] == []
+    assert record["runner"] == "process" and record["concurrency"] == 1
+    models = {m["model"]: m for m in record["models"]}
+    for model in ("text-to-image", "inpaint-image"):
+        checkpoint = demo_checkpoint(model)
+        assert models[model]["sha256"] == checkpoint.sha256
+        assert models[model]["queues"] == [
+            keys.queue_for(checkpoint.name, checkpoint.sha256),
+            keys.queue_for(checkpoint.name, None),
+        ]
+    assert client.pttl(keys.worker(record["id"])) <= 2000
+
+
+def test_a_resumed_delivery_makes_only_the_missing_images(
+    client: Any, host: WorkerHost, redis_url: str
+) -> None:
+    message = job_message("text-to-image", {**TEXT_TO_IMAGE, "iterations": 3, "seed": 7})
+    submit(client, redis_url, message, made=1)
+    found = wait_end(client, message)
+    images = [e for e in found if isinstance(e, entries.Image)]
+    # The resume rule: the run seeded seed + done, its images numbered on from done.
+    assert [(i.n, i.seed, i.position) for i in images] == [(2, 8, 1), (3, 8, 2)]
+    assert isinstance(found[-1], entries.End) and found[-1].outcome == "complete"
+
+
+@pytest.mark.parametrize("endpoint", ["image-to-image", "inpaint-image"])
+def test_jobs_with_input_files_run(
+    client: Any, host: WorkerHost, redis_url: str, endpoint: str
+) -> None:
+    uploads = {"image": png_bytes(256, 256)}
+    if endpoint == "inpaint-image":
+        uploads["mask"] = mask_bytes(256, 256)
+    inputs = ENDPOINTS[endpoint].prepare_inputs(uploads)
+    fields = {"prompt": "a boat", "steps": 8} if endpoint == "image-to-image" else {"steps": 8}
+    message = job_message(endpoint, fields, inputs)
+    submit(client, redis_url, message)
+    found = wait_end(client, message)
+    check_complete(found, 1, 42, (256, 256))
+    argv = next(run["argv"] for run in _runs(host) if message.id in " ".join(run["argv"]))
+    assert argv[0].endswith(ENDPOINTS[endpoint].script)
+
+
+def ends(found: list[entries.Entry], count: int) -> list[entries.Entry] | None:
+    """`found` once it holds `count` ends."""
+    return found if sum(isinstance(e, entries.End) for e in found) >= count else None
+
+
+def _runs(host: WorkerHost) -> list[dict[str, Any]]:
+    from helpers import read_jsonl
+
+    return read_jsonl(host.argv_log)  # type: ignore[attr-defined]
+
+
+def test_a_message_that_cannot_be_read_ends_failed(
+    client: Any, host: WorkerHost, redis_url: str
+) -> None:
+    message = job_message("text-to-image", TEXT_TO_IMAGE)
+    create_job(client, message.endpoint, message.id)
+    damaged = {**message.to_json(), "inputs": "nope"}
+    enqueue(redis_url, message, damaged)
+    found = wait_end(client, message)
+    assert isinstance(found[0], entries.Started)
+    end = found[-1]
+    assert isinstance(end, entries.End) and end.outcome == "failed"
+    assert end.error == "the job's message could not be read: inputs is not an object"
+    assert ran(host, message) == []
+
+
+def test_a_bad_parameter_is_refused_by_the_worker(
+    client: Any, host: WorkerHost, redis_url: str
+) -> None:
+    good = job_message("text-to-image", TEXT_TO_IMAGE)
+    message = JobMessage(
+        good.endpoint, good.id, {**good.params, "steps": 100000}, good.checkpoint, {}
+    )
+    submit(client, redis_url, message)
+    end = wait_end(client, message)[-1]
+    assert isinstance(end, entries.End) and end.outcome == "failed"
+    assert end.error is not None and end.error.startswith("the worker refused a parameter: steps")
+    assert ran(host, message) == []
+
+
+def test_a_job_canceled_before_its_start_never_runs(
+    client: Any, host: WorkerHost, redis_url: str
+) -> None:
+    message = job_message("text-to-image", TEXT_TO_IMAGE)
+    create_job(client, message.endpoint, message.id, canceled="1")
+    enqueue(redis_url, message)
+    wait_until(lambda: acknowledged(client, message), "the message to be taken")
+    assert stream_entries(client, message.endpoint, message.id) == []
+    assert client.hget(keys.job(message.endpoint, message.id), "deliveries") == b"0"
+    assert ran(host, message) == []
+
+
+def test_a_cancel_ends_the_running_script(client: Any, host: WorkerHost, redis_url: str) -> None:
+    message = job_message("text-to-image", {**TEXT_TO_IMAGE, "iterations": 20})
+    submit(client, redis_url, message)
+    wait_until(
+        lambda: any(
+            isinstance(e, entries.Progress)
+            for e in stream_entries(client, message.endpoint, message.id)
+        ),
+        "the job's first progress",
+    )
+    pids = ran(host, message)
+    client.hset(keys.job(message.endpoint, message.id), "canceled", "1")
+    client.publish(keys.CANCEL_CHANNEL, f"{message.endpoint}:{message.id}")
+    wait_gone(pids, timeout=5)
+    end = wait_end(client, message)[-1]
+    assert isinstance(end, entries.End) and end.outcome == "canceled"
+    images = [e for e in stream_entries(client, message.endpoint, message.id)
+              if isinstance(e, entries.Image)]  # fmt: skip
+    assert len(images) < 20
+
+
+def test_a_superseded_attempt_stops_and_adds_nothing_more(
+    client: Any, host: WorkerHost, redis_url: str
+) -> None:
+    message = job_message("text-to-image", {**TEXT_TO_IMAGE, "iterations": 20})
+    before = served(client, host)
+    submit(client, redis_url, message)
+    wait_until(
+        lambda: any(
+            isinstance(e, entries.Image)
+            for e in stream_entries(client, message.endpoint, message.id)
+        ),
+        "the job's first image",
+    )
+    pids = ran(host, message)
+    client.hset(keys.job(message.endpoint, message.id), "attempt", "another-host's")
+    kept = len(stream_entries(client, message.endpoint, message.id))
+    wait_gone(pids, timeout=5)
+    wait_until(lambda: served(client, host) == before + 1, "the delivery to end")
+    found = stream_entries(client, message.endpoint, message.id)
+    assert len(found) == kept
+    assert not any(isinstance(e, entries.End) for e in found)
+
+
+def test_a_job_whose_workers_died_too_often_fails(
+    client: Any, host: WorkerHost, redis_url: str
+) -> None:
+    message = job_message("text-to-image", TEXT_TO_IMAGE)
+    dead = json.dumps({"host": "gone-host", "pid": 77, "id": "gone"})
+    create_job(
+        client, message.endpoint, message.id,
+        deliveries=str(keys.MAX_DEATHS), worker=dead, deaths="a (pid 1), b (pid 2)",
+    )  # fmt: skip
+    enqueue(redis_url, message)
+    found = wait_end(client, message)
+    assert len(found) == 1
+    end = found[0]
+    assert isinstance(end, entries.End) and end.outcome == "failed"
+    assert end.error == "its worker died 3 times: a (pid 1), b (pid 2), gone-host (pid 77)"
+    assert ran(host, message) == []
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis of the test's own: the module's host must not take the job sent back."""
+    reason = redis_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = RedisServer(tmp_path / "redis").start()
+    yield server.url
+    server.stop()
+
+
+def test_sigterm_gives_the_job_back_and_leaves_the_registry(
+    own_redis: str, tmp_path: Path
+) -> None:
+    """A resident worker stopped mid-job: `end stopped`, no death counted, its message back
+    in the queue at once, and another host finishes the job from the images made."""
+    import redis
+
+    redis_url = own_redis
+    client = redis.Redis.from_url(redis_url)
+    first = WorkerHost(redis_url, tmp_path / "first", ["--heartbeat-timeout", "2"], SLOW)
+    first.start(client)
+    message = job_message("text-to-image", {**TEXT_TO_IMAGE, "iterations": 6})
+    queue = keys.queue_for(message.checkpoint.name, message.checkpoint.sha256)
+    try:
+        submit(client, redis_url, message)
+        wait_until(
+            lambda: any(
+                isinstance(e, entries.Image)
+                for e in stream_entries(client, message.endpoint, message.id)
+            ),
+            "the job's first image",
+        )
+        assert first.stop(signal.SIGTERM) == 0, first.log()
+    finally:
+        first.end()
+    found = stream_entries(client, message.endpoint, message.id)
+    end = found[-1]
+    assert isinstance(end, entries.End) and end.outcome == "stopped", found
+    state = client.hgetall(keys.job(message.endpoint, message.id))
+    assert state[b"deliveries"] == b"0" and b"worker" not in state
+    assert queue_length(client, queue) == 1
+    assert first.record(client) is None
+    assert not (tmp_path / "first" / str(first.process.pid)).exists()
+    made = int(state[b"made"])
+
+    second = WorkerHost(redis_url, tmp_path / "second", ["--heartbeat-timeout", "2"])
+    try:
+        second.start(client)
+        found = wait_until(
+            lambda: ends(stream_entries(client, message.endpoint, message.id), 2),
+            "the second delivery's end",
+            30,
+        )
+    finally:
+        second.end()
+    last = found[-1]
+    assert isinstance(last, entries.End) and last.outcome == "complete"
+    images = [e for e in found if isinstance(e, entries.Image)]
+    assert [i.n for i in images] == list(range(1, 7))  # each once, the first host's kept
+    assert b"deaths" not in client.hgetall(keys.job(message.endpoint, message.id))
+    assert made < 6

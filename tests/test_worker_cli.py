@@ -1,0 +1,143 @@
+"""`stable-diffusion-rest-api worker`'s command line: its help, the one-line errors that stop a
+start (never a traceback), and --check. Real processes against a real redis-server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sd_rest.cluster.broker import BROKER_ENV
+
+from helpers import FAST_SIMULATOR, free_port
+
+PROG = "stable-diffusion-rest-api worker: error: "
+FLAGS = [
+    "--broker", "--repository", "--python", "--text-to-image-model", "--inpaint-image-model",
+    "--runner", "--worker-max-jobs", "--worker-idle", "--worker-timeout", "--concurrency",
+    "--demo", "--check", "--heartbeat-timeout",
+]  # fmt: skip
+
+
+def worker(
+    tmp_path: Path, *args: str, prelude: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m sd_rest worker ...` to its end; `prelude` runs first (in the same process)."""
+    start = ["-m", "sd_rest"]
+    if prelude:
+        run = "import runpy; runpy.run_module('sd_rest', run_name='__main__', alter_sys=True)"
+        start = ["-c", f"{prelude}; {run}"]
+    full_env = {**os.environ, **FAST_SIMULATOR, "SD_REST_WORKER_DIR": str(tmp_path / "w")}
+    full_env.pop(BROKER_ENV, None)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, *start, "worker", *args],
+        capture_output=True, text=True, timeout=60, env=full_env, cwd=tmp_path,
+    )  # fmt: skip
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The error a start stopped with: exit status 1, one line on stderr, no traceback."""
+    assert done.returncode == 1, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith(PROG), lines
+    return lines[0][len(PROG) :]
+
+
+def test_help_lists_every_flag(tmp_path: Path) -> None:
+    done = worker(tmp_path, "--help")
+    assert done.returncode == 0
+    for flag in FLAGS:
+        assert f"\n    {flag}" in done.stdout or f", {flag}" in done.stdout, flag
+    assert "SD_REST_WORKER_DIR" in done.stdout and BROKER_ENV in done.stdout
+    assert max(len(line) for line in done.stdout.splitlines()) < 160
+
+
+def test_the_broker_is_required(tmp_path: Path) -> None:
+    assert one_line_error(worker(tmp_path, "--demo")).startswith("--broker is required")
+
+
+def test_a_url_that_is_no_redis_one(tmp_path: Path) -> None:
+    message = one_line_error(worker(tmp_path, "--demo", "--broker", "http://x:1"))
+    assert "redis:// or rediss://" in message
+
+
+def test_a_wrong_password(tmp_path: Path, redis_url: str) -> None:
+    wrong = redis_url.replace(":s3cret-test-pass@", ":wrong@")
+    message = one_line_error(worker(tmp_path, "--demo", "--broker", wrong))
+    assert "refused the password" in message and "wrong" not in message
+
+
+def test_the_broker_url_from_the_environment(tmp_path: Path, redis_url: str) -> None:
+    wrong = redis_url.replace(":s3cret-test-pass@", ":wrong@")
+    message = one_line_error(worker(tmp_path, "--demo", env={BROKER_ENV: wrong}))
+    assert "refused the password" in message
+
+
+def test_an_unreachable_redis(tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # a closed port
+    message = one_line_error(worker(tmp_path, "--demo", "--broker", url))
+    assert message.startswith(f"cannot reach Redis at {url}")
+
+
+def test_a_missing_repository(tmp_path: Path, redis_url: str) -> None:
+    done = worker(tmp_path, "--broker", redis_url, "--repository", str(tmp_path / "nowhere"))
+    assert "Stable Diffusion repository not found" in one_line_error(done)
+
+
+def test_no_checkpoint_at_all(tmp_path: Path, redis_url: str) -> None:
+    done = worker(
+        tmp_path, "--demo", "--broker", redis_url,
+        "--text-to-image-model", "none.ckpt", "--inpaint-image-model", "none2.ckpt",
+    )  # fmt: skip
+    assert one_line_error(done).startswith("no checkpoint found")
+
+
+def test_the_cluster_extra_missing(tmp_path: Path, redis_url: str) -> None:
+    done = worker(
+        tmp_path, "--demo", "--broker", redis_url,
+        prelude="import sys; sys.modules['dramatiq'] = None",
+    )  # fmt: skip
+    assert "pip install 'sd-rest[cluster]'" in one_line_error(done)
+
+
+def test_check_passes_in_demo_mode(tmp_path: Path, redis_url: str) -> None:
+    done = worker(tmp_path, "--demo", "--check", "--broker", redis_url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "  ok  broker" in done.stdout and "***" in done.stdout
+    assert "s3cret" not in done.stdout
+    assert done.stdout.rstrip().splitlines()[-1].startswith("ready")
+
+
+@pytest.mark.parametrize("problem", ["password", "repository"])
+def test_check_fails_saying_what(tmp_path: Path, redis_url: str, problem: str) -> None:
+    args = ["--check", "--broker", redis_url]
+    if problem == "password":
+        args = ["--demo", "--check", "--broker", redis_url.replace("s3cret-test-pass", "no")]
+    else:
+        args += ["--repository", str(tmp_path / "nowhere")]
+    done = worker(tmp_path, *args)
+    assert done.returncode == 1, done.stdout
+    failed = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
+    item = "broker" if problem == "password" else "repository"
+    assert failed and failed[0].split()[1] == item, done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_the_scratch_folder_is_cleared_and_dead_ones_removed(tmp_path: Path) -> None:
+    from sd_rest.workerhost.folders import scratch_folder
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for name in (str(gone.pid), str(os.getpid()), "12345678", "notes"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "left.png").write_bytes(b"x")
+    mine = scratch_folder(tmp_path, 12345678)
+    assert mine == tmp_path / "12345678" and list(mine.iterdir()) == []  # cleared
+    assert not (tmp_path / str(gone.pid)).exists()  # its process is gone
+    assert (tmp_path / str(os.getpid()) / "left.png").exists()  # a live process's
+    assert (tmp_path / "notes" / "left.png").exists()  # not a scratch folder
