@@ -206,7 +206,7 @@ def _post_to_started(workdir: Path, cert: tuple[Path, Path], jobs: int) -> list[
                 sent[url.rsplit("/", 1)[1]] = at
                 client.wait_status(url, TERMINAL, timeout=60)
             listing = client.get_json(f"/jobs?limit={max(jobs, 1)}")
-            for item in listing["jobs"]:
+            for item in listing["items"]:
                 started = datetime.fromisoformat(item["startedAt"].replace("Z", "+00:00"))
                 delays.append(started.timestamp() - sent[item["id"]])
         finally:
