@@ -13,6 +13,7 @@ from sd_rest.api.a1111 import catalog
 from sd_rest.api.a1111.errors import DialectError
 from sd_rest.api.a1111.info import build_info
 from sd_rest.api.a1111.request import IMG2IMG, TXT2IMG, parse_body, read_fields
+from sd_rest.api.a1111.routes import encode_images
 from sd_rest.api.a1111.translate import plan_img2img, plan_txt2img
 from sd_rest.images.pngmeta import add_text_chunks, read_text
 from sd_rest.images.uploads import prepare_init_image, prepare_inpaint
@@ -104,6 +105,11 @@ def test_the_model_answers_to_its_names_and_progress_is_idle_at_zero(tmp_path) -
     assert model.title == "text-to-image.ckpt [c0ffee0000]"
     assert all(model.answers_to(n) for n in (model.title, "text-to-image", "c0ffee0000"))
     assert not model.answers_to("other")
+    # A title read before the file changed (its hash stale or unknown) names it by its name.
+    for stale in ("text-to-image.ckpt [deadbeef00]", "text-to-image [0123456789]  "):
+        assert model.answers_to(stale), stale
+    assert not model.answers_to("other.ckpt [c0ffee0000]")
+    assert not model.answers_to("[c0ffee0000]")
     assert catalog.Model(tmp_path / "a.ckpt", None).title == "a.ckpt"
     idle = catalog.progress([], 0)
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
@@ -305,3 +311,14 @@ def test_images_become_the_same_pixels_as_through_our_own_api() -> None:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def test_send_images_false_reads_the_infotexts_without_encoding(tmp_path) -> None:
+    png = add_text_chunks(png_bytes(8, 8), [("parameters", "a\nSteps: 8")])
+    (tmp_path / "1.png").write_bytes(png)
+    paths, root = [tmp_path / "1.png"], tmp_path.resolve()
+    assert encode_images(paths, tmp_path, root, send=False) == ([], ["a\nSteps: 8"])
+    assert encode_images(paths, tmp_path, root, send=True) == (
+        [base64.b64encode(png)],
+        ["a\nSteps: 8"],
+    )

@@ -5,6 +5,7 @@ have, and the progress of the work. Pure."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from sd_rest.runs.labels import MODEL_HASH_LENGTH
 from sd_rest.state.jobs import Job, Status
 from sd_rest.state.layout import Key
 
+_CHECKSUM: Final = re.compile(r"\s*\[[^]]*\]\s*$")  # a title's " [hash]"
 CONFIG: Final = "configs/stable-diffusion/v1-inference.yaml"  # in the repository
 SAMPLERS: Final = [
     {"name": "DDIM", "aliases": ["ddim"], "options": {}},
@@ -76,11 +78,14 @@ class Model:
     def answers_to(self, name: str) -> bool:
         """Whether a client's sd_model_checkpoint names this model: its title, with or without
         the hash, its name or file name, or its short or whole hash (as AUTOMATIC1111 looks a
-        checkpoint up)."""
+        checkpoint up). A title whose hash is another (read before the file changed, or
+        before it was hashed) names it by its name part, as AUTOMATIC1111's closest match
+        strips the checksum."""
         names = {self.title, self.path.name, self.model_name}
         if self.sha256:
             names |= {self.sha256, self.sha256[:MODEL_HASH_LENGTH], self.sha256[:8]}
-        return name.strip() in names
+        wanted = name.strip()
+        return wanted in names or _CHECKSUM.sub("", wanted) in {self.path.name, self.model_name}
 
 
 def options(model: Model) -> dict[str, Any]:

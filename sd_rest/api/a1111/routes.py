@@ -144,7 +144,7 @@ async def _generate(request: web.Request, fields: dict[str, Any], plan: Plan) ->
     paths = [store.layout.image(job.endpoint, job.id, image.n) for image in job.images]
     send = bool(fields.get("send_images", True))
     encoded, infotexts = await loop.run_in_executor(
-        None, _encode, paths, store.output, request.app[OUTPUT_ROOT], send
+        None, encode_images, paths, store.output, request.app[OUTPUT_ROOT], send
     )
     info = build_info(
         fields,
@@ -189,7 +189,7 @@ async def _finished(manager: JobManager, job: Job) -> None:
         await manager.events.changed(job, job.version, _WAIT_SLICE)
 
 
-def _encode(
+def encode_images(
     paths: list[Path], output: Path, root: Path, send: bool
 ) -> tuple[list[bytes], list[str]]:
     """Base64 (when `send`: send_images) and the `parameters` text of each PNG (in a thread: a
