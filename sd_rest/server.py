@@ -10,7 +10,7 @@ import ssl
 from collections.abc import Callable
 
 from sd_rest.api.app import create_app, make_runner, protocol_factory
-from sd_rest.api.listener import Listener
+from sd_rest.api.listener import Listener, Slots
 from sd_rest.jobs.manager import JobManager
 from sd_rest.setup.access import output_problem
 
@@ -47,15 +47,17 @@ async def serve(
         raise StartFailed(
             output_problem(manager.settings.output, "recover the unfinished jobs", exc)
         ) from exc
-    app = create_app(manager)
+    app = create_app(manager, http_host=None if http is None else http[0])
     runner = make_runner(app, shutdown_timeout=REQUEST_GRACE)
     await runner.setup()
     # Recovered jobs are queued before the first request can add one: submission order holds.
     await manager.start(unfinished)
     factory = protocol_factory(runner, manager.settings.limits)
-    listeners = [Listener(factory, context, host, port, manager.settings.max_connections)]
+    # One --max-connections for the server: both listeners take from the same slots.
+    slots = Slots(manager.settings.max_connections)
+    listeners = [Listener(factory, context, host, port, slots=slots)]
     if http is not None:
-        listeners.append(Listener(factory, None, *http, manager.settings.max_connections))
+        listeners.append(Listener(factory, None, *http, slots=slots))
     # What start-up made (modules, the app, the OpenAPI document, recovered jobs) lives as long
     # as the server: out of the collector's sight, a full collection no longer walks it while a
     # request waits (bench `post`: p99).
@@ -65,9 +67,9 @@ async def serve(
         for listener in listeners:
             await _listen(listener, listener.host, listener.port)
         if on_ready is not None:
-            on_ready(f"https://{host}:{port}")
-            if http is not None:
-                on_ready(f"http://{http[0]}:{http[1]}")
+            schemes = ("https", "http")[: len(listeners)]
+            for scheme, listener in zip(schemes, listeners, strict=True):
+                on_ready(url(scheme, listener))
         await stop.wait()
         log.info("stopping: no new jobs; ending running scripts")
         manager.stop_taking()
@@ -78,6 +80,16 @@ async def serve(
         await manager.shutdown()
         await runner.cleanup()
     log.info("stopped")
+
+
+def url(scheme: str, listener: Listener) -> str:
+    """The URL a listener serves, as a client would type it: an IPv6 address in brackets,
+    the port it got (for a port of 0)."""
+    host = listener.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    ports = [port for _, port in listener.addresses]
+    return f"{scheme}://{host}:{ports[0] if ports else listener.port}"
 
 
 async def _listen(listener: Listener, host: str, port: int) -> None:

@@ -188,7 +188,10 @@ def _raw_txt2img(port: int, body: dict[str, Any]) -> socket.socket:
     raw = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(
-        b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        # The Host node's fetch sends for SillyTavern's URL (plain HTTP on the loopback answers
+        # loopback names only).
+        f"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+        + b"Content-Type: application/json\r\n"
         + f"Content-Length: {len(raw)}\r\n\r\n".encode()
         + raw
     )

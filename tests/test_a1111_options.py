@@ -3,11 +3,20 @@ against a real demo server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+from dataclasses import replace
 from typing import Any
 
-from helpers import Server, wait_until
+from aiohttp.test_utils import TestClient, TestServer
+
+from sd_rest.api.a1111.routes import DIALECT_JOBS
+from sd_rest.api.app import create_app
+from sd_rest.jobs.manager import JobManager
+
+from helpers import FAST_SIMULATOR, Server, wait_until
+from inprocess import settings
 
 
 def post(server: Server, path: str, doc: Any = None, timeout: float = 60) -> Any:
@@ -48,7 +57,7 @@ def test_the_lists_are_small_and_true(shared_server: Server) -> None:
 
 
 def test_progress_idle_running_and_interrupt(make_server) -> None:
-    server = make_server(env={"SD_SIM_STEP_SECONDS": "0.3"})
+    server = make_server(args=["--concurrency", "2"], env={"SD_SIM_STEP_SECONDS": "0.3"})
     idle = server.get("/sdapi/v1/progress").json()
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
     answers: list[Any] = []
@@ -64,13 +73,40 @@ def test_progress_idle_running_and_interrupt(make_server) -> None:
     )
     assert running["state"]["job_count"] == 1 and running["state"]["sampling_steps"] == 30
     assert 0 < running["state"]["sampling_step"] <= 30 and running["eta_relative"] > 0
-    # A job of our own API is not this dialect's to interrupt.
-    native = server.post_form("text-to-image", {"prompt": "ours", "steps": "2"})
+    # A job of our own API, running beside it, is not this dialect's to interrupt.
+    native = server.post_form("text-to-image", {"prompt": "ours", "steps": "12"})
+    url = native.headers["Location"]
+    server.wait_status(url, {"IN_PROGRESS"})
+    assert server.get("/sdapi/v1/progress").json()["state"]["job_count"] == 2
     assert post(server, "/sdapi/v1/interrupt").json() == {}
     call.join(30)
     assert answers[0].status == 200  # interrupted: the images it had (none yet)
-    item = server.get("/jobs?endpoint=text-to-image&limit=5").json()["items"]
-    by_prompt = {i["params"]["prompt"]: i["status"] for i in item}
+    assert server.get(url).json()["status"] == "IN_PROGRESS"
+    items = server.get("/jobs?endpoint=text-to-image&limit=5").json()["items"]
+    by_prompt = {i["params"]["prompt"]: i["status"] for i in items}
     assert by_prompt["slow"] == "CANCELED"
-    server.wait_status(native.headers["Location"], {"COMPLETE"})
+    assert server.wait_status(url, {"COMPLETE", "CANCELED", "FAILED"})["status"] == "COMPLETE"
     assert server.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+
+def test_the_dialects_jobs_are_forgotten_once_finished(tmp_path, monkeypatch) -> None:
+    """The set `interrupt` reads holds the jobs callers wait for, not every job ever made."""
+    for name, value in FAST_SIMULATOR.items():
+        monkeypatch.setenv(name, value)
+
+    async def scenario() -> None:
+        manager = JobManager(replace(settings(tmp_path / "output"), runner="process"))
+        await manager.start(manager.recover())
+        app = create_app(manager)
+        try:
+            async with TestClient(TestServer(app)) as client:
+                for n in range(3):
+                    body = {"prompt": f"forgotten {n}", "steps": 2, "width": 256, "height": 256}
+                    resp = await client.post("/sdapi/v1/txt2img", json=body)
+                    assert resp.status == 200, await resp.text()
+                    assert len((await resp.json())["images"]) == 1
+                assert app[DIALECT_JOBS] == set()
+        finally:
+            await manager.shutdown()
+
+    asyncio.run(scenario())

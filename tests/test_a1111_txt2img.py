@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Server
+from helpers import Server, free_port
 from pngparts import chunks
 
 INFO_KEYS = {
@@ -73,6 +73,8 @@ def test_the_same_settings_through_both_apis_are_the_same_job_and_pixels(server:
         {"prompt": "same on both", "steps": "8", "seed": "99", "guidanceScale": "7.5"},
     )
     job = server.wait_status(native.headers["Location"], {"COMPLETE"})
+    before = job_ids(server)
+    assert native.headers["Location"].rsplit("/", 1)[1] in before
     resp = post(
         server,
         "/sdapi/v1/txt2img",
@@ -81,9 +83,17 @@ def test_the_same_settings_through_both_apis_are_the_same_job_and_pixels(server:
     assert resp.status == 200, resp.body
     ours = server.get(job["imageUrls"][0]).body
     assert base64.b64decode(resp.json()["images"][0]) == ours
-    ids = [item["id"] for item in server.get("/jobs?limit=50").json()["items"]]
-    assert ids.count(native.headers["Location"].rsplit("/", 1)[1]) == 1
-    assert len(ids) == len(set(ids))
+    # The same job answered: no job was made for the second request.
+    assert job_ids(server) == before
+    # Settings that differ make a job of their own (so the listing would show one).
+    other = post(server, "/sdapi/v1/txt2img", {"prompt": "same on both", "steps": 8, "seed": 98})
+    assert other.status == 200 and len(job_ids(server)) == len(before) + 1
+
+
+def job_ids(server: Server) -> list[str]:
+    items = server.get("/jobs?limit=200").json()["items"]
+    assert len(items) < 200
+    return [item["id"] for item in items]
 
 
 def test_seed_minus_one_is_a_random_seed_reported_back(server: Server) -> None:
@@ -180,3 +190,52 @@ def test_not_json_and_not_an_object_are_422(server: Server) -> None:
     resp = post(server, "/sdapi/v1/txt2img", [1, 2])
     assert resp.status == 422 and resp.json()["detail"][0]["loc"] == ["body"]
     server.assert_serving()
+
+
+def test_parameters_echo_only_the_known_fields(server: Server) -> None:
+    body = {"prompt": "echo", "steps": 2, "auth": "user:secret", "url": "http://x"}
+    resp = post(server, "/sdapi/v1/txt2img", body)
+    assert resp.status == 200, resp.body
+    parameters = resp.json()["parameters"]
+    assert parameters["prompt"] == "echo" and parameters["steps"] == 2
+    assert "auth" not in parameters and "url" not in parameters
+    assert b"secret" not in resp.body
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"prompt": "x", "styles": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"prompt": "x", "a": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_001,
+        b'{"prompt": "x", "steps": ' + b"9" * 4000 + b"}",
+        b'{"prompt": "x", "seed": -' + b"1" * 4299 + b"}",
+    ],
+    ids=["nested lists", "nested objects", "4000 digits", "4299 digits"],
+)
+def test_hostile_json_is_a_422_not_a_500(server: Server, raw: bytes) -> None:
+    for path in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/options"):
+        resp = server.request("POST", path, raw, {"Content-Type": "application/json"})
+        assert resp.status == 422, (path, resp.status, resp.body[:300])
+        assert resp.json()["detail"][0]["type"] == "value_error.jsondecode"
+    server.assert_serving()
+
+
+def test_a_compressed_body_is_refused_as_our_api_refuses_it(server: Server) -> None:
+    resp = server.request(
+        "POST",
+        "/sdapi/v1/txt2img",
+        b'{"prompt": "x"}',
+        {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert resp.status == 422, resp.body
+    assert "Content-Encoding" in resp.json()["detail"][0]["msg"]
+
+
+def test_a_503_keeps_its_retry_after(make_server) -> None:
+    """Redis down (--broker): our 503 broker_unavailable in AUTOMATIC1111's shape, with the
+    Retry-After it carries."""
+    server = make_server(args=["--broker", f"redis://127.0.0.1:{free_port()}/0"])
+    resp = post(server, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 2})
+    assert resp.status == 503, resp.body
+    assert resp.headers.get("Retry-After") == "5"
+    assert resp.json()["error"] == "broker_unavailable" and "Redis" in resp.json()["detail"]

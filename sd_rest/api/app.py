@@ -13,19 +13,22 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import ipaddress
 import logging
+import re
 import secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from sd_rest.api.a1111.routes import add_dialect_routes
 from sd_rest.api.bodies import MAX_BODY_BYTES, first_line
 from sd_rest.api.common import (
     COMMON_HEADERS,
+    CORS_HEADERS,
     CURSOR_KEY,
     INDEX_ROUTE,
     MANAGER,
@@ -52,6 +55,7 @@ Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 MAX_LINE_BYTES: Final = 8190  # the request line, and each header line
 MAX_HEADERS: Final = 100
 _SHOWN_PATH: Final = 200
+_PORT: Final = re.compile(r":[0-9]{1,5}")
 
 HTTP_CODES: Final = {
     400: "bad_request",
@@ -129,6 +133,74 @@ async def add_common_headers(request: web.BaseRequest, response: web.StreamRespo
     """CORS and nosniff on every response of the app, streamed ones included, as it is
     prepared."""
     response.headers.update(COMMON_HEADERS)
+
+
+# Plain HTTP (--http-port) answers AUTOMATIC1111's clients, which call it from their own
+# servers: like AUTOMATIC1111 without --cors-allow-origins, it sends no CORS headers, so that no
+# web page a browser has open can read its answers.
+PLAIN_HEADERS: Final = {k: v for k, v in COMMON_HEADERS.items() if k not in CORS_HEADERS}
+
+
+def headers_for(request: web.BaseRequest) -> dict[str, str]:
+    """CORS and nosniff over HTTPS; nosniff alone over plain HTTP."""
+    return COMMON_HEADERS if request.secure else PLAIN_HEADERS
+
+
+async def add_headers_by_transport(
+    request: web.BaseRequest, response: web.StreamResponse
+) -> None:
+    response.headers.update(headers_for(request))
+
+
+def loopback_address(host: str) -> bool:
+    """Whether a listening address (--http-host) is the loopback only."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_name(host: str) -> bool:
+    """Whether a Host header names the loopback: localhost (and *.localhost, which browsers
+    resolve there themselves), 127.0.0.0/8 or [::1], with or without a port."""
+    value = host.strip().lower()
+    if value.startswith("["):
+        name, bracket, rest = value[1:].partition("]")
+        if not bracket or not (rest == "" or _PORT.fullmatch(rest)):
+            return False
+    else:
+        name, colon, port = value.partition(":")
+        if colon and not _PORT.fullmatch(":" + port):
+            return False
+        if ":" in name:
+            return False
+    name = name.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@web.middleware
+async def loopback_hosts_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """On plain HTTP bound to the loopback, a request must name the loopback in its Host:
+    a web page whose own name an attacker points at 127.0.0.1 (DNS rebinding) sends its
+    name, and is refused before anything else."""
+    host = request.headers.get(hdrs.HOST)
+    if not request.secure and host is not None and not loopback_name(host):
+        error = ApiError(
+            400,
+            "bad_request",
+            f"this plain-HTTP port answers requests for localhost, 127.0.0.1 or [::1] only, "
+            f"not Host {first_line(host)!r} (protection against DNS rebinding)",
+        )
+        return error_response(error)
+    return await handler(request)
 
 
 OPEN_ROUTES: Final = DOC_ROUTES | {PAGE_ROUTE, FILE_ROUTE}
@@ -219,8 +291,12 @@ def connection_args(limits: Limits) -> dict[str, Any]:
     }
 
 
-def create_app(manager: JobManager) -> web.Application:
+def create_app(manager: JobManager, http_host: str | None = None) -> web.Application:
+    """`http_host`: where the same app is also served over plain HTTP (--http-host), which
+    answers without CORS, and only to loopback names when it is a loopback address."""
     middlewares: list[Middleware] = [json_errors]
+    if http_host is not None and loopback_address(http_host):
+        middlewares.append(loopback_hosts_only)
     if manager.settings.api_key:
         # Only then: the status GET's hot path carries no key check when there is no key.
         middlewares.append(api_key_middleware(manager.settings.api_key))
@@ -239,7 +315,9 @@ def create_app(manager: JobManager) -> web.Application:
     # Before aiohttp waits for handlers to end: streams end cleanly, after the last events
     # (server.py stops the manager first, so jobs put back in the queue are announced).
     app.on_shutdown.append(hub.close)
-    app.on_response_prepare.append(add_common_headers)
+    app.on_response_prepare.append(
+        add_common_headers if http_host is None else add_headers_by_transport
+    )
     add_routes(app)
     add_dialect_routes(app)  # AUTOMATIC1111's /sdapi/v1 (api/a1111/)
     return app
@@ -271,7 +349,7 @@ class ApiProtocol(web.RequestHandler):
                     HTTP_CODES.get(status, "bad_request"),
                     _parser_message(status, message),
                     # Outside the app: its on_response_prepare does not run here.
-                    headers=COMMON_HEADERS,
+                    headers=headers_for(request),
                 )
             )
         response.force_close()

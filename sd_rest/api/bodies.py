@@ -6,10 +6,11 @@ as a 400.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Final
+from typing import Any, Final, TypeVar
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import BodyPartReader, web
@@ -28,10 +29,24 @@ _UTF8_CHARSETS: Final = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
 _IDENTITY: Final = frozenset({"", "identity"})
 _PLAIN_TRANSFER: Final = frozenset({"", "binary", "8bit", "7bit"})
 _SHOWN_ERROR: Final = 200  # characters of a parser's message quoted back to the client
+_MAX_INT_DIGITS: Final = 100  # a longer JSON integer is out of every range
+
+T = TypeVar("T")
 
 
-async def read_body(request: web.Request) -> tuple[Fields, Files]:
-    """(text fields, files) from a multipart, url-encoded or JSON body; ([], []) for none."""
+async def read_in_time(
+    request: web.Request, timeout: float, read: Callable[[web.Request], Awaitable[T]]
+) -> T:
+    """`read(request)`, or a 408 when the body has not arrived within `timeout` seconds."""
+    try:
+        return await asyncio.wait_for(read(request), timeout)
+    except asyncio.TimeoutError as exc:
+        raise ApiError(
+            408, "timeout", f"the request body did not arrive within {timeout:g} s"
+        ) from exc
+
+
+def _check_identity(request: web.Request) -> None:
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in _IDENTITY:
         raise ApiError(
@@ -39,6 +54,17 @@ async def read_body(request: web.Request) -> tuple[Fields, Files]:
             "unsupported_media_type",
             f"compressed bodies are not accepted (Content-Encoding {clip(encoding)!r})",
         )
+
+
+async def read_bytes(request: web.Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The whole body, uncompressed, at most `limit` bytes (413 beyond)."""
+    _check_identity(request)
+    return await _read_all(request, limit)
+
+
+async def read_body(request: web.Request) -> tuple[Fields, Files]:
+    """(text fields, files) from a multipart, url-encoded or JSON body; ([], []) for none."""
+    _check_identity(request)
     content_type = request.content_type
     if content_type == "multipart/form-data":
         return await _read_multipart(request)
@@ -200,9 +226,7 @@ def parse_json(body: bytes) -> Fields:
         return dict(pairs)
 
     try:
-        data = json.loads(body, object_pairs_hook=keep_pairs, parse_int=_json_int)
-    except RecursionError:
-        raise ApiError(400, "invalid_json", "the JSON body is nested too deeply") from None
+        data = load_json(body, keep_pairs)
     except ValueError as exc:
         raise ApiError(
             400, "invalid_json", f"the body is not valid JSON: {clip(str(exc))}"
@@ -212,9 +236,19 @@ def parse_json(body: bytes) -> Fields:
     return objects[-1]
 
 
+def load_json(body: bytes, object_pairs_hook: Callable[[Any], Any] | None = None) -> Any:
+    """`json.loads` for a client's bytes, every failure a ValueError (a JSONDecodeError with its
+    `pos` for bad syntax): nesting deep enough to exhaust the recursion limit, an integer of
+    more than 100 digits, bytes that are not UTF-8."""
+    try:
+        return json.loads(body, object_pairs_hook=object_pairs_hook, parse_int=_json_int)
+    except RecursionError:
+        raise ValueError("nested too deeply for this server") from None
+
+
 def _json_int(text: str) -> int:
     # Python refuses over 4300 digits with an error about its own settings; say it plainly.
-    if len(text) > 100:
+    if len(text) > _MAX_INT_DIGITS:
         raise ValueError(f"a number has {len(text)} digits")
     return int(text)
 

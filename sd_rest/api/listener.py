@@ -85,10 +85,29 @@ class _Counted(asyncio.Protocol):
         self._inner.resume_writing()
 
 
+class Slots:
+    """The connections open at once, at most `limit`: one count for every listener of a
+    server (--max-connections bounds the server, whatever port a connection came in by)."""
+
+    def __init__(self, limit: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        self.limit = limit
+        self.open = 0  # from accept until the connection is gone
+
+    def take(self) -> bool:
+        if self.open >= self.limit:
+            return False
+        self.open += 1
+        return True
+
+    def give_back(self) -> None:
+        self.open -= 1
+
+
 class Listener:
     """Listens on `host`:`port`, hands TLS connections to `factory` (aiohttp's server), and
-    keeps at most `max_connections` open (in their handshake or serving). Without a `context`
-    the connections are plain HTTP (--http-port)."""
+    keeps at most `max_connections` open (in their handshake or serving), or as many as the
+    `slots` it shares with other listeners allow. Without a `context` the connections are
+    plain HTTP (--http-port)."""
 
     def __init__(
         self,
@@ -97,14 +116,14 @@ class Listener:
         host: str,
         port: int,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        slots: Slots | None = None,
     ) -> None:
         self._factory = factory
         self._context = context
         self.host, self.port = host, port
-        self.max_connections = max_connections
+        self.slots = slots if slots is not None else Slots(max_connections)
         self.refused = 0
         self.accepted = 0
-        self.open = 0  # from accept until the connection is gone
         self._handshaking: set[asyncio.Task[None]] = set()
         self._sockets: list[socket.socket] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -136,6 +155,11 @@ class Listener:
         self._tasks.append(loop.create_task(self._reclaim_memory()))
 
     @property
+    def open(self) -> int:
+        """Connections open now, those of the listeners sharing the slots included."""
+        return self.slots.open
+
+    @property
     def addresses(self) -> list[tuple[str, int]]:
         """(host, port) of every listening socket: the port chosen when `port` was 0."""
         return [sock.getsockname()[:2] for sock in self._sockets]
@@ -164,19 +188,18 @@ class Listener:
                 continue
             self.accepted += 1
             self._comings_and_goings += 1
-            if self.open >= self.max_connections:
+            if not self.slots.take():
                 self.refused += 1
                 # Closed before any TLS: the client sees the connection end at once.
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 conn.close()
                 continue
-            self.open += 1
             task = loop.create_task(self._handshake(conn))
             self._handshaking.add(task)
             task.add_done_callback(self._handshaking.discard)
 
     def _closed(self) -> None:
-        self.open -= 1
+        self.slots.give_back()
         self._comings_and_goings += 1
 
     async def _handshake(self, conn: socket.socket) -> None:

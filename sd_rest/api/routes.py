@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import HttpVersion11, web
 
 from sd_rest import __version__
-from sd_rest.api.bodies import clip, read_body
+from sd_rest.api.bodies import clip, read_body, read_in_time
 from sd_rest.api.common import (
     CURSOR_KEY,
     ID_PATTERN,
@@ -235,12 +235,7 @@ def _submit_handler(endpoint: str) -> Handler:
         manager = request.app[MANAGER]
         manager.check_ready(endpoint)
         timeout = manager.settings.limits.body_timeout
-        try:
-            fields, files = await asyncio.wait_for(read_body(request), timeout)
-        except asyncio.TimeoutError as exc:
-            raise ApiError(
-                408, "timeout", f"the request body did not arrive within {timeout:g} s"
-            ) from exc
+        fields, files = await read_in_time(request, timeout, read_body)
         params = validate_params(endpoint, fields, [name for name, _ in files])
         uploads = dict(files)  # validation refused any name sent twice
         inputs = await asyncio.get_running_loop().run_in_executor(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -16,30 +17,37 @@ _IHDR_SIZE = struct.Struct(">II")
 _MAX_CHUNK_LENGTH = 2**31 - 1  # the PNG spec's limit
 
 
+def chunks(data: bytes | memoryview) -> Iterator[tuple[bytes, int, int]]:
+    """(type, start, end) of each chunk after the signature, in order, `start` at its length
+    field and `end` just past its CRC; the walk stops at the first chunk that does not lie
+    whole within `data` (or is longer than the spec allows). Nothing is checked beyond that."""
+    view = memoryview(data)
+    pos = 8
+    while pos + 12 <= len(view):
+        length, kind = _CHUNK_HEADER.unpack_from(view, pos)
+        end = pos + 12 + length
+        if length > _MAX_CHUNK_LENGTH or end > len(view):
+            return
+        yield kind, pos, end
+        pos = end
+
+
 def is_complete_png(data: bytes) -> bool:
     """True only for a PNG whose chunks all check out, IHDR first, ending with IEND at the
     very last byte."""
     view = memoryview(data)
     if bytes(view[:8]) != PNG_SIGNATURE:
         return False
-    pos = 8
     first = True
-    while pos + 12 <= len(view):
-        length, kind = _CHUNK_HEADER.unpack_from(view, pos)
-        if length > _MAX_CHUNK_LENGTH:
-            return False
-        end = pos + 12 + length
-        if end > len(view):
-            return False
+    for kind, pos, end in chunks(view):
         (crc,) = struct.unpack_from(">I", view, end - 4)
         if zlib.crc32(view[pos + 4 : end - 4]) != crc:
             return False
-        if first and (kind != b"IHDR" or length != 13):
+        if first and (kind != b"IHDR" or end - pos != 12 + 13):
             return False
         first = False
         if kind == b"IEND":
-            return length == 0 and end == len(view)
-        pos = end
+            return end - pos == 12 and end == len(view)
     return False
 
 

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Sequence
 from typing import Final
 
-from sd_rest.images.pngfile import is_complete_png
+from sd_rest.images.pngfile import chunks, is_complete_png
 
 _IEND_CHUNK_BYTES: Final = 12  # length, type, no data, CRC
 _MAX_KEYWORD: Final = 79  # the PNG spec's limit, in bytes
@@ -102,19 +102,16 @@ def infotext(prompt: str | None, settings: Sequence[Setting]) -> str:
 def read_text(png: bytes, keyword: str) -> str | None:
     """The text of the first tEXt or uncompressed iTXt chunk named `keyword`, as
     `text_chunk` writes them; None when there is none (or the PNG cannot be walked)."""
-    position = 8  # the signature
     key = keyword.encode("latin-1")
-    while position + 12 <= len(png):
-        (length,) = struct.unpack_from(">I", png, position)
-        kind = png[position + 4 : position + 8]
-        data = png[position + 8 : position + 8 + length]
-        position += 12 + length
-        name, _, rest = data.partition(b"\0")
+    for kind, start, end in chunks(png):
+        if kind not in (b"tEXt", b"iTXt"):
+            continue
+        name, _, rest = png[start + 8 : end - 4].partition(b"\0")
         if name != key:
             continue
         if kind == b"tEXt":
             return rest.decode("latin-1")
-        if kind == b"iTXt" and rest[:1] == b"\0":
+        if rest[:1] == b"\0":
             # compression flag 0, method, then language tag and translated keyword
             _, _, after_language = rest[2:].partition(b"\0")
             _, _, text = after_language.partition(b"\0")

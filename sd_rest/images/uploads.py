@@ -50,9 +50,9 @@ def prepare_init_image(data: bytes) -> bytes:
     """image-to-image: PNG bytes of the RGB image cut down (top-left kept) to multiples of 64."""
     opened = _open("image", data)
     _cut_size("image", opened.size, IMAGE_TO_IMAGE_MULTIPLE)  # refuse before decoding the pixels
-    picture = _to_rgb(_load("image", opened))
+    picture = to_rgb(_load("image", opened))
     width, height = _cut_size("image", picture.size, IMAGE_TO_IMAGE_MULTIPLE)  # turned by EXIF
-    return _png(_crop(picture, width, height))
+    return png(_crop(picture, width, height))
 
 
 def prepare_inpaint(image: bytes, mask: bytes) -> tuple[bytes, bytes]:
@@ -63,7 +63,7 @@ def prepare_inpaint(image: bytes, mask: bytes) -> tuple[bytes, bytes]:
     """
     opened = _open("image", image)
     _cut_size("image", opened.size, INPAINT_MULTIPLE)  # refuse before decoding the pixels
-    picture = _to_rgb(_load("image", opened))
+    picture = to_rgb(_load("image", opened))
     width, height = _cut_size("image", picture.size, INPAINT_MULTIPLE)  # turned by EXIF
     drawn = _load("mask", _open("mask", mask))
     if not _same_ratio(picture.size, drawn.size):
@@ -72,11 +72,11 @@ def prepare_inpaint(image: bytes, mask: bytes) -> tuple[bytes, bytes]:
             f"mask is {_dims(drawn.size)} but image is {_dims(picture.size)}: the mask must have "
             f"the image's aspect ratio (within {MASK_RATIO_TOLERANCE:.0%})",
         )
-    gray = _to_gray(drawn)
+    gray = to_gray(drawn)
     if gray.size != picture.size:
         gray = gray.resize(picture.size, Image.Resampling.BILINEAR)
     binary = gray.point(lambda value: 255 if value >= MASK_THRESHOLD else 0)
-    return _png(_crop(picture, width, height)), _png(_crop(binary, width, height))
+    return png(_crop(picture, width, height)), png(_crop(binary, width, height))
 
 
 def _open(field: str, data: bytes) -> ImageFile.ImageFile:
@@ -206,28 +206,34 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     return scaled
 
 
-def _flatten(image: Image.Image, background: int) -> Image.Image:
+# What the image-to-image and inpaint inputs are made of, here and from AUTOMATIC1111's base64
+# images (api/a1111/images.py): the same file gives the same pixels through either API.
+
+
+def flatten(image: Image.Image, background: int) -> Image.Image:
     """RGBA without transparency: composited on a grey level of `background`."""
     canvas = Image.new("RGBA", image.size, (background, background, background, 255))
     canvas.alpha_composite(image.convert("RGBA"))
     return canvas
 
 
-def _has_alpha(image: Image.Image) -> bool:
+def has_alpha(image: Image.Image) -> bool:
     return image.mode in _ALPHA_MODES or "transparency" in image.info
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16-bit levels scaled down, transparency on white."""
     image = _eight_bit(image)
-    if _has_alpha(image):
-        image = _flatten(image, 255)
+    if has_alpha(image):
+        image = flatten(image, 255)
     return image.convert("RGB")
 
 
-def _to_gray(image: Image.Image) -> Image.Image:
+def to_gray(image: Image.Image) -> Image.Image:
+    """8-bit grey: 16-bit levels scaled down, transparency on black (a mask's "keep")."""
     image = _eight_bit(image)
-    if _has_alpha(image):
-        image = _flatten(image, 0)
+    if has_alpha(image):
+        image = flatten(image, 0)
     return image.convert("L")
 
 
@@ -243,7 +249,8 @@ def _crop(image: Image.Image, width: int, height: int) -> Image.Image:
     return cropped
 
 
-def _png(image: Image.Image) -> bytes:
+def png(image: Image.Image) -> bytes:
+    """PNG bytes of `image`, without its metadata (colour profile, text, EXIF)."""
     image.info.clear()  # every image reaching here is our own copy; see the module docstring
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)

@@ -70,9 +70,10 @@ class RunningJobs:
     def __contains__(self, key: Key) -> bool:
         return key in self._running
 
-    def snapshot(self) -> list[Key]:
-        """(endpoint, id) of every job running now."""
-        return list(self._running)
+    def snapshot(self) -> list[Job]:
+        """Every job with a run now, in the order the runs began: IN_PROGRESS, or still QUEUED
+        while its run starts (with --broker: until a worker host starts it)."""
+        return [job for _, _, job in self._running.values()]
 
     async def run(self, job: Job) -> None:
         if job.status.finished or self.closing:

@@ -5,15 +5,18 @@ have, and the progress of the work. Pure."""
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from sd_rest.runs.labels import MODEL_HASH_LENGTH
 from sd_rest.state.jobs import Job, Status
+from sd_rest.state.layout import Key
 
+_CHECKSUM: Final = re.compile(r"\s*\[[^]]*\]\s*$")  # a title's " [hash]"
 CONFIG: Final = "configs/stable-diffusion/v1-inference.yaml"  # in the repository
 SAMPLERS: Final = [
     {"name": "DDIM", "aliases": ["ddim"], "options": {}},
@@ -75,11 +78,14 @@ class Model:
     def answers_to(self, name: str) -> bool:
         """Whether a client's sd_model_checkpoint names this model: its title, with or without
         the hash, its name or file name, or its short or whole hash (as AUTOMATIC1111 looks a
-        checkpoint up)."""
+        checkpoint up). A title whose hash is another (read before the file changed, or
+        before it was hashed) names it by its name part, as AUTOMATIC1111's closest match
+        strips the checksum."""
         names = {self.title, self.path.name, self.model_name}
         if self.sha256:
             names |= {self.sha256, self.sha256[:MODEL_HASH_LENGTH], self.sha256[:8]}
-        return name.strip() in names
+        wanted = name.strip()
+        return wanted in names or _CHECKSUM.sub("", wanted) in {self.path.name, self.model_name}
 
 
 def options(model: Model) -> dict[str, Any]:
@@ -102,15 +108,28 @@ def idle() -> dict[str, Any]:
     return _progress(0, 0.0, 0, 0, 0, None)
 
 
+def running(runs: Sequence[Job], queue: Container[Job]) -> list[Job]:
+    """Of the jobs with a run (RunningJobs.snapshot), those out of the queue: IN_PROGRESS, or
+    taken by a worker and starting. With --broker, a job handed to the worker hosts has a run
+    while it still waits in the queue for one of them: it is not running."""
+    return [job for job in runs if job not in queue]
+
+
+def interruptible(running: Sequence[Job], ours: Container[Key]) -> list[Job]:
+    """What `interrupt` ends: the running jobs this dialect's callers wait for (AUTOMATIC1111
+    stops its current job only; our own API's jobs run on)."""
+    return [job for job in running if (job.endpoint, job.id) in ours]
+
+
 def progress(running: Sequence[Job], waiting: int, now: float | None = None) -> dict[str, Any]:
-    """The first running job's progress (a job whose script still loads reads 0); job_count:
-    the jobs running and waiting, so that 0 means nothing left to do."""
+    """The first IN_PROGRESS job's progress (0 while none is: a script still starting);
+    job_count: the jobs running and waiting, so that 0 means nothing left to do."""
     count = len(running) + waiting
     if count == 0:
         return idle()
-    if not running:
+    job = next((job for job in running if job.status is Status.IN_PROGRESS), None)
+    if job is None:
         return _progress(0, 0.0, count, 0, 0, None)
-    job = running[0]
     fraction, step, steps = _fraction(job)
     eta = 0.0
     started = job.started_at

@@ -7,6 +7,7 @@ detail, and the two as one line)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -15,13 +16,16 @@ from aiohttp import web
 class DialectError(Exception):
     """An answer in AUTOMATIC1111's shapes, raised by its handlers (routes.py answers it)."""
 
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
+    def __init__(
+        self, status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(json.dumps(body))
         self.status = status
         self.body = body
+        self.headers = dict(headers or {})
 
     def response(self) -> web.Response:
-        return web.json_response(self.body, status=self.status)
+        return web.json_response(self.body, status=self.status, headers=self.headers)
 
 
 def invalid(loc: list[str | int], message: str, kind: str = "value_error") -> DialectError:
@@ -29,7 +33,12 @@ def invalid(loc: list[str | int], message: str, kind: str = "value_error") -> Di
     return DialectError(422, {"detail": [{"loc": loc, "msg": message, "type": kind}]})
 
 
-def failure(status: int, detail: str, error: str = "HTTPException") -> DialectError:
+def failure(
+    status: int,
+    detail: str,
+    error: str = "HTTPException",
+    headers: Mapping[str, str] | None = None,
+) -> DialectError:
     """AUTOMATIC1111's own shape, as its exception handler writes it."""
     body = {"error": error, "detail": detail, "body": "", "errors": f"{status}: {detail}"}
-    return DialectError(status, body)
+    return DialectError(status, body, headers)

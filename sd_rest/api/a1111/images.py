@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 
 from PIL import Image
 
 from sd_rest.api.a1111.errors import DialectError, invalid
 from sd_rest.errors import ApiError
-from sd_rest.images.uploads import MAX_UPLOAD_BYTES, decode_image
+from sd_rest.images.uploads import MAX_UPLOAD_BYTES, decode_image, png, to_gray, to_rgb
 
 Loc = list[str | int]
 
@@ -38,27 +37,19 @@ def decode_base64(loc: Loc, text: str) -> bytes:
 
 
 def resized_image(loc: Loc, data: bytes, size: tuple[int, int]) -> bytes:
-    """An RGB PNG of `size` (transparency on white, as our uploads)."""
-    picture = _decoded(loc, data)
-    if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
-        canvas = Image.new("RGBA", picture.size, (255, 255, 255, 255))
-        canvas.alpha_composite(picture.convert("RGBA"))
-        picture = canvas
-    return _png(picture.convert("RGB").resize(size, Image.Resampling.LANCZOS))
+    """An RGB PNG of `size`, made as our uploads make one (to_rgb: 16-bit levels scaled,
+    transparency on white, no metadata), then stretched."""
+    return png(to_rgb(_decoded(loc, data)).resize(size, Image.Resampling.LANCZOS))
 
 
 def resized_mask(loc: Loc, data: bytes, size: tuple[int, int], invert: bool) -> bytes:
-    """A grayscale PNG of `size`, white where the image is repainted (inverted when asked:
-    AUTOMATIC1111's inpainting_mask_invert). Transparency counts as black (keep)."""
-    picture = _decoded(loc, data)
-    if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
-        canvas = Image.new("RGBA", picture.size, (0, 0, 0, 255))
-        canvas.alpha_composite(picture.convert("RGBA"))
-        picture = canvas
-    gray = picture.convert("L").resize(size, Image.Resampling.LANCZOS)
+    """A grayscale PNG of `size`, made as our uploads make a mask (to_gray: transparency counts
+    as black, keep), white where the image is repainted (inverted when asked: AUTOMATIC1111's
+    inpainting_mask_invert)."""
+    gray = to_gray(_decoded(loc, data)).resize(size, Image.Resampling.LANCZOS)
     if invert:
         gray = gray.point(lambda value: 255 - value)
-    return _png(gray)
+    return png(gray)
 
 
 def _decoded(loc: Loc, data: bytes) -> Image.Image:
@@ -71,8 +62,3 @@ def _decoded(loc: Loc, data: bytes) -> Image.Image:
 def _as_422(loc: Loc, error: ApiError) -> DialectError:
     return invalid(loc, error.message)
 
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()

@@ -31,6 +31,7 @@ def build_info(
     prompt = str(request.get("prompt") or "")
     negative = str(request.get("negative_prompt") or "")
     strength = params.get("strength")
+    guidance = params.get("guidanceScale")  # none for inpainting, which runs without
     extra = {NOT_HONOURED: "; ".join(plan.notes)} if plan.notes else {}
     return {
         "prompt": prompt,
@@ -45,7 +46,7 @@ def build_info(
         "width": int(request.get("width") or 0),
         "height": int(request.get("height") or 0),
         "sampler_name": plan.sampler,
-        "cfg_scale": float(params.get("guidanceScale", request.get("cfg_scale") or 0.0)),
+        "cfg_scale": None if guidance is None else float(guidance),
         "steps": int(params["steps"]),
         "batch_size": int(params.get("batchSize", 1)),
         "restore_faces": False,

@@ -75,19 +75,21 @@ SCHEMAS: Final[dict[str, Any]] = {
         TXT2IMG,
         "AUTOMATIC1111's txt2img request. Honoured: prompt, steps, cfg_scale, seed (-1: "
         "random), width, height, batch_size, n_iter, eta, sampler_name/sampler_index (DDIM; "
-        "PLMS runs txt2img.py with --plms), override_settings.sd_model_checkpoint, send_images, "
-        "save_images. Named as not honoured (in info and the infotext): negative_prompt, "
-        "another sampler (DDIM runs), enable_hr, restore_faces, styles. Refused (422): "
-        "script_name, a non-empty alwayson_scripts. Any other field is ignored. The ranges are "
-        "POST /text-to-image's.",
+        "PLMS runs txt2img.py with --plms), override_settings.sd_model_checkpoint, send_images. "
+        "Named as not honoured (in info and the infotext): negative_prompt, another sampler "
+        "(DDIM runs), enable_hr, restore_faces, styles. Refused (422): script_name, a non-empty "
+        "alwayson_scripts. Any other field (save_images too) is ignored and not echoed in "
+        "`parameters`. The ranges are POST /text-to-image's; an empty prompt is a 422.",
     ),
     "A1111Img2Img": _body(
         IMG2IMG,
         "AUTOMATIC1111's img2img request: as txt2img, plus init_images[0] (base64, raw or a "
         "data: URL; resized to width × height, 'just resize'), denoising_strength (strictly "
         "between 0 and 1) and mask (then the inpaint script runs: white repaints, "
-        "inpainting_mask_invert honoured; it takes steps and seed only, and a prompt is named "
-        "as not honoured).",
+        "inpainting_mask_invert honoured; every value is still checked as image-to-image "
+        "checks it, but denoising_strength 1 is accepted; it takes steps and seed only, and a "
+        "prompt, a batch, and a cfg_scale, denoising_strength or eta sent are named as not "
+        "honoured; info.cfg_scale is null).",
     ),
     "A1111Generation": {
         "type": "object",

@@ -6,7 +6,6 @@ Only the types are checked here; our ranges are the endpoints' own (translate.py
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from sd_rest.api.a1111.errors import invalid
+from sd_rest.api.bodies import clip, load_json
 
 _INT_TEXT: Final = re.compile(r"\s*[+-]?[0-9]{1,30}\s*")
 _TRUE: Final = frozenset({"true", "1", "yes", "on", "y", "t"})
@@ -24,12 +24,13 @@ _FALSE: Final = frozenset({"false", "0", "no", "off", "n", "f"})
 class Spec:
     kind: type  # str, int, float, bool, list or dict
     default: Any
+    items: type | None = None  # a list's: str (List[str] in its models), else anything
 
 
 _COMMON: Final[dict[str, Spec]] = {
     "prompt": Spec(str, ""),
     "negative_prompt": Spec(str, ""),
-    "styles": Spec(list, []),
+    "styles": Spec(list, [], str),
     "seed": Spec(int, -1),
     "subseed": Spec(int, -1),
     "sampler_name": Spec(str, None),
@@ -55,7 +56,7 @@ TXT2IMG: Final[dict[str, Spec]] = {
 }
 IMG2IMG: Final[dict[str, Spec]] = {
     **_COMMON,
-    "init_images": Spec(list, None),
+    "init_images": Spec(list, None, str),
     "mask": Spec(str, None),
     "inpainting_mask_invert": Spec(int, 0),
     "resize_mode": Spec(int, 0),
@@ -64,22 +65,29 @@ IMG2IMG: Final[dict[str, Spec]] = {
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a body, or FastAPI's 422."""
+    """The JSON object of a body, or FastAPI's 422 (our JSON limits: bodies.load_json)."""
     try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = load_json(raw)
+    except ValueError as exc:
         position = getattr(exc, "pos", 0)
-        raise invalid(["body", position], "JSON decode error", "value_error.jsondecode") from None
+        message = f"JSON decode error: {clip(str(exc))}"
+        raise invalid(["body", position], message, "value_error.jsondecode") from None
     if not isinstance(doc, dict):
         raise invalid(["body"], "value is not a valid dict", "type_error.dict")
     return doc
 
 
 def read_fields(body: Mapping[str, Any], specs: Mapping[str, Spec]) -> dict[str, Any]:
-    """Every field of `specs`, coerced or defaulted, then every other field as sent: the
-    request after defaults, as AUTOMATIC1111 echoes it in `parameters`."""
-    values = {name: _coerce(name, body.get(name), spec) for name, spec in specs.items()}
-    return {**values, **{k: v for k, v in body.items() if k not in specs}}
+    """Every field of `specs`, coerced or defaulted: the request after defaults, as
+    AUTOMATIC1111 echoes it in `parameters`. Other fields are dropped, as its models drop
+    them (SillyTavern's `auth` is never echoed back)."""
+    return {name: _coerce(name, body.get(name), spec) for name, spec in specs.items()}
+
+
+def sent_fields(body: Mapping[str, Any], specs: Mapping[str, Spec]) -> frozenset[str]:
+    """The known fields the client gave a value (not null): what a note may name as not
+    honoured, where a default would not be."""
+    return frozenset(name for name in specs if body.get(name) is not None)
 
 
 def _coerce(name: str, value: Any, spec: Spec) -> Any:
@@ -93,15 +101,24 @@ def _coerce(name: str, value: Any, spec: Spec) -> Any:
     if kind is bool:
         return _bool(name, value)
     if kind is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise invalid(["body", name], "str type expected", "type_error.str")
+        return _str(["body", name], value)
     if not isinstance(value, kind):
         noun = "list" if kind is list else "dict"
         raise invalid(["body", name], f"value is not a valid {noun}", f"type_error.{noun}")
+    if spec.items is str:
+        return [_str(["body", name, n], item) for n, item in enumerate(value)]
     return value
+
+
+def _str(loc: list[str | int], value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return str(value)
+        except ValueError:  # an int too long for Python to write out
+            pass
+    raise invalid(loc, "str type expected", "type_error.str")
 
 
 def _int(name: str, value: Any) -> int:

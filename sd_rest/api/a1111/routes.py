@@ -22,8 +22,16 @@ from sd_rest.api.a1111 import catalog
 from sd_rest.api.a1111.catalog import GET_LISTS, PREFIX
 from sd_rest.api.a1111.errors import DialectError, failure
 from sd_rest.api.a1111.info import build_info
-from sd_rest.api.a1111.request import IMG2IMG, TXT2IMG, Spec, parse_body, read_fields
+from sd_rest.api.a1111.request import (
+    IMG2IMG,
+    TXT2IMG,
+    Spec,
+    parse_body,
+    read_fields,
+    sent_fields,
+)
 from sd_rest.api.a1111.translate import Plan, as_422, plan_img2img, plan_txt2img
+from sd_rest.api.bodies import MAX_TEXT_BYTES, clip, read_bytes, read_in_time
 from sd_rest.api.common import MANAGER, OUTPUT_ROOT, Handler
 from sd_rest.api.routes import _resource as add_resource
 from sd_rest.api.routes import read_plain_file  # the image route's own safe read
@@ -55,7 +63,8 @@ def dialect(handler: Handler) -> Handler:
         except ApiError as error:
             if error.status in (400, 415):
                 return as_422(error).response()
-            return failure(error.status, error.message, error.code).response()
+            # With its headers: a 503's Retry-After, a 401's WWW-Authenticate.
+            return failure(error.status, error.message, error.code, error.headers).response()
 
     return answer
 
@@ -69,40 +78,46 @@ def _check_model(manager: JobManager, name: object) -> None:
     if name is None:
         return
     if not isinstance(name, str) or not model(manager).answers_to(name):
-        raise failure(400, f"model {name!r} not found", "RuntimeError")
+        raise failure(400, f"model {clip(repr(name))} not found", "RuntimeError")
 
 
 # --- generation ---------------------------------------------------------------------------
 
 
 async def _read_json(request: web.Request) -> dict[str, Any]:
+    """The body's JSON object, read as our own API reads one (408, 413, no Content-Encoding);
+    a big one (base64 images) parsed in a thread."""
     timeout = request.app[MANAGER].settings.limits.body_timeout
-    try:
-        raw = await asyncio.wait_for(request.read(), timeout)
-    except asyncio.TimeoutError as exc:
-        raise failure(408, f"the request body did not arrive within {timeout:g} s") from exc
-    return parse_body(raw)
+    raw = await read_in_time(request, timeout, read_bytes)
+    if len(raw) <= MAX_TEXT_BYTES:
+        return parse_body(raw)
+    return await asyncio.get_running_loop().run_in_executor(None, parse_body, raw)
 
 
-async def _read_request(request: web.Request, specs: Mapping[str, Spec]) -> dict[str, Any]:
-    fields = read_fields(await _read_json(request), specs)
+async def _read_request(
+    request: web.Request, specs: Mapping[str, Spec]
+) -> tuple[dict[str, Any], frozenset[str]]:
+    """(the fields after defaults, the ones the client sent)."""
+    body = await _read_json(request)
+    fields = read_fields(body, specs)
     overrides = fields.get("override_settings") or {}
     _check_model(request.app[MANAGER], overrides.get("sd_model_checkpoint"))
-    return fields
+    return fields, sent_fields(body, specs)
 
 
 @dialect
 async def txt2img(request: web.Request) -> web.StreamResponse:
-    fields = await _read_request(request, TXT2IMG)
+    fields, _ = await _read_request(request, TXT2IMG)
     plan = plan_txt2img(fields, secrets.randbelow(SEED_LIMIT))
     return await _generate(request, fields, plan)
 
 
 @dialect
 async def img2img(request: web.Request) -> web.StreamResponse:
-    fields = await _read_request(request, IMG2IMG)
+    fields, sent = await _read_request(request, IMG2IMG)
     loop = asyncio.get_running_loop()
-    plan = await loop.run_in_executor(None, plan_img2img, fields, secrets.randbelow(SEED_LIMIT))
+    seed = secrets.randbelow(SEED_LIMIT)
+    plan = await loop.run_in_executor(None, plan_img2img, fields, seed, sent)
     # Echoed without the images, as AUTOMATIC1111 does.
     return await _generate(request, {**fields, "init_images": None, "mask": None}, plan)
 
@@ -113,16 +128,23 @@ async def _generate(request: web.Request, fields: dict[str, Any], plan: Plan) ->
     loop = asyncio.get_running_loop()
     inputs = await loop.run_in_executor(None, ENDPOINTS[plan.endpoint].prepare_inputs, plan.uploads)
     job = await manager.submit(plan.endpoint, plan.params, plan.uploads, inputs, plan.notes)
-    request.app[DIALECT_JOBS].add((job.endpoint, job.id))
     for note in plan.notes:
         log.info("AUTOMATIC1111 request, job %s %s: not honoured: %s", job.endpoint, job.id, note)
-    await _finished(manager, job)
+    ours: set[Key] = request.app[DIALECT_JOBS]
+    key = (job.endpoint, job.id)
+    ours.add(key)
+    try:
+        await _finished(manager, job)
+    finally:
+        # Only running jobs are `interrupt`'s: the set holds no more than those waited for.
+        ours.discard(key)
     if job.status is Status.FAILED:
         raise failure(500, job.error or "the script failed", "JobFailed")
     store = manager.store
     paths = [store.layout.image(job.endpoint, job.id, image.n) for image in job.images]
+    send = bool(fields.get("send_images", True))
     encoded, infotexts = await loop.run_in_executor(
-        None, _encode, paths, store.output, request.app[OUTPUT_ROOT]
+        None, encode_images, paths, store.output, request.app[OUTPUT_ROOT], send
     )
     info = build_info(
         fields,
@@ -133,9 +155,8 @@ async def _generate(request: web.Request, fields: dict[str, Any], plan: Plan) ->
         manager.provenance.checkpoint_sha256(Path(job.checkpoint)),
         job.started_at or job.created_at,
     )
-    images = encoded if fields.get("send_images", True) else []
     tail = {"parameters": fields, "info": json.dumps(info)}
-    return await _send(request, images, await loop.run_in_executor(None, _dumps, tail))
+    return await _send(request, encoded, await loop.run_in_executor(None, _dumps, tail))
 
 
 async def _send(request: web.Request, images: list[bytes], tail: bytes) -> web.StreamResponse:
@@ -168,17 +189,20 @@ async def _finished(manager: JobManager, job: Job) -> None:
         await manager.events.changed(job, job.version, _WAIT_SLICE)
 
 
-def _encode(paths: list[Path], output: Path, root: Path) -> tuple[list[bytes], list[str]]:
-    """Base64 and the `parameters` text of each PNG (in a thread: a batch of eight 512×512
-    images is megabytes of base64). The GIL is offered back after each image: the event loop
-    waits for no more than one image's encoding."""
+def encode_images(
+    paths: list[Path], output: Path, root: Path, send: bool
+) -> tuple[list[bytes], list[str]]:
+    """Base64 (when `send`: send_images) and the `parameters` text of each PNG (in a thread: a
+    batch of eight 512×512 images is megabytes of base64). The GIL is offered back after each
+    image: the event loop waits for no more than one image's encoding."""
     encoded: list[bytes] = []
     infotexts: list[str] = []
     for path in paths:
         data = read_plain_file(path, output, root)
         if data is None:
             raise failure(500, f"an image of the job is missing on disk: {path.name}", "JobFailed")
-        encoded.append(base64.b64encode(data))
+        if send:
+            encoded.append(base64.b64encode(data))
         infotexts.append(read_text(data, PARAMETERS_KEYWORD) or "")
         time.sleep(0)
     return encoded, infotexts
@@ -187,27 +211,22 @@ def _encode(paths: list[Path], output: Path, root: Path) -> tuple[list[bytes], l
 # --- interrupt, progress, options, lists --------------------------------------------------
 
 
-async def _running(manager: JobManager) -> list[Job]:
-    jobs = [await manager.get(*key) for key in manager.runs.snapshot()]
-    return [job for job in jobs if job is not None]
-
-
 @dialect
 async def interrupt(request: web.Request) -> web.Response:
-    """Ends the jobs running for this dialect's callers (a job of our own API runs on)."""
+    """Ends the jobs running for this dialect's callers, as AUTOMATIC1111 stops its current
+    job only: one waiting (for a worker host too) runs later, a job of our own API runs on."""
     manager = request.app[MANAGER]
-    ours: set[Key] = request.app[DIALECT_JOBS]
-    for job in await _running(manager):
-        if (job.endpoint, job.id) in ours:
-            log.info("AUTOMATIC1111 interrupt: canceling job %s %s", job.endpoint, job.id)
-            await manager.cancel(job)
+    running = catalog.running(manager.runs.snapshot(), manager.queue)
+    for job in catalog.interruptible(running, request.app[DIALECT_JOBS]):
+        log.info("AUTOMATIC1111 interrupt: canceling job %s %s", job.endpoint, job.id)
+        await manager.cancel(job)
     return web.json_response({})
 
 
 @dialect
 async def progress(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    running = await _running(manager)
+    running = catalog.running(manager.runs.snapshot(), manager.queue)
     return web.json_response(catalog.progress(running, manager.queue.waiting))
 
 

@@ -11,11 +11,13 @@ inpaint-image (which takes steps and seed only)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Final
 
 from sd_rest.api.a1111.errors import DialectError, failure, invalid
 from sd_rest.api.a1111.images import decode_base64, resized_image, resized_mask
+from sd_rest.api.bodies import clip
 from sd_rest.api.validation import validate_params
 from sd_rest.endpoints import IMAGE_TO_IMAGE, INPAINT_IMAGE, TEXT_TO_IMAGE
 from sd_rest.errors import ApiError
@@ -23,6 +25,15 @@ from sd_rest.fields import Params
 
 DDIM: Final = "DDIM"
 PLMS: Final = "PLMS"
+# What inpaint.py runs with, whatever is asked: no classifier-free guidance (a scale of 1),
+# the masked area repainted whole.
+INPAINT_GUIDANCE: Final = 1.0
+INPAINT_STRENGTH: Final = 1.0
+# Notes are read by people (a client's info, the log): bounded, however much was sent.
+CLIPPED: Final = 60  # characters of a client's text quoted in a note
+SHOWN_STYLES: Final = 5
+CLIPPED_STYLE: Final = 30
+MAX_NOTE: Final = 300
 # Our field -> AUTOMATIC1111's, to name the field at fault in a 422.
 THEIR_NAMES: Final = {
     "prompt": "prompt",
@@ -55,9 +66,9 @@ def refuse_scripts(request: Mapping[str, Any]) -> None:
     """AUTOMATIC1111 answers 422 for a script it does not have; we have none."""
     name = request.get("script_name")
     if name:
-        raise failure(422, f"Script '{name}' not found")
+        raise failure(422, f"Script '{clip(name)}' not found")
     for script in request.get("alwayson_scripts") or {}:
-        raise failure(422, f"always on script {script} not found")
+        raise failure(422, f"always on script {clip(str(script))} not found")
 
 
 def sampler_asked(request: Mapping[str, Any]) -> str | None:
@@ -84,40 +95,48 @@ def plan_txt2img(request: Mapping[str, Any], random_seed: int) -> Plan:
         ("plms", 1 if sampler == PLMS else 0),
     ]
     params = _validated(TEXT_TO_IMAGE, fields)
-    return Plan(TEXT_TO_IMAGE, params, {}, tuple(notes), sampler, seed)
+    return Plan(TEXT_TO_IMAGE, params, {}, _capped(notes), sampler, seed)
 
 
-def plan_img2img(request: Mapping[str, Any], random_seed: int) -> Plan:
-    """Decodes and resizes the images: run it in a thread."""
+def plan_img2img(
+    request: Mapping[str, Any], random_seed: int, sent: AbstractSet[str] = frozenset()
+) -> Plan:
+    """Decodes and resizes the images: run it in a thread. `sent`: the fields the client gave
+    (request.sent_fields), which a mask's notes name when inpainting cannot use them.
+
+    Every value is checked as image-to-image checks it, with a mask too: a value refused
+    without one is refused with one (but strength 1, which is what inpainting does)."""
     refuse_scripts(request)
     notes = _common_notes(request)
     images = request.get("init_images")
     if not images:
         raise failure(404, "Init image not found")
-    if not isinstance(images[0], str):
-        raise invalid(["body", "init_images", 0], "str type expected", "type_error.str")
     size = _size(request)
     seed = _seed(request, random_seed)
-    if request.get("resize_mode"):
-        notes.append(f"resize mode {request['resize_mode']} (ran 0, just resize)")
-    image = resized_image(
-        ["body", "init_images", 0], decode_base64(["body", "init_images", 0], images[0]), size
-    )
-    if request.get("mask"):
-        return _inpaint(request, notes, image, size, seed)
-    sampler, eta = _sampler(request, notes, plms_possible=False)
+    masked = bool(request.get("mask"))
+    sampler_notes: list[str] = []
+    sampler, eta = _sampler(request, sampler_notes, plms_possible=False)
+    strength = request["denoising_strength"]
     fields = [
-        ("prompt", request["prompt"]),
+        ("prompt", "unused" if masked else request["prompt"]),  # inpainting takes none
         ("iterations", request["n_iter"]),
         ("batchSize", request["batch_size"]),
         ("steps", request["steps"]),
         ("seed", seed),
         ("guidanceScale", request["cfg_scale"]),
         ("eta", eta),
-        ("strength", request["denoising_strength"]),
+        *([] if masked and strength == INPAINT_STRENGTH else [("strength", strength)]),
     ]
     params = _validated(IMAGE_TO_IMAGE, fields, ["image"])
-    return Plan(IMAGE_TO_IMAGE, params, {"image": image}, tuple(notes), sampler, seed)
+    if request.get("resize_mode"):
+        notes.append(f"resize mode {request['resize_mode']} (ran 0, just resize)")
+    image = resized_image(
+        ["body", "init_images", 0], decode_base64(["body", "init_images", 0], images[0]), size
+    )
+    if masked:
+        return _inpaint(request, notes + _inpaint_notes(request, sent), image, size, seed)
+    notes += sampler_notes
+    return Plan(IMAGE_TO_IMAGE, params, {"image": image}, _capped(notes), sampler, seed)
 
 
 def _inpaint(
@@ -129,6 +148,16 @@ def _inpaint(
         size,
         invert=bool(request.get("inpainting_mask_invert")),
     )
+    params = _validated(
+        INPAINT_IMAGE, [("steps", request["steps"]), ("seed", seed)], ["image", "mask"]
+    )
+    return Plan(INPAINT_IMAGE, params, {"image": image, "mask": mask}, _capped(notes), DDIM, seed)
+
+
+def _inpaint_notes(request: Mapping[str, Any], sent: AbstractSet[str]) -> list[str]:
+    """What inpaint.py cannot use, of what was sent (checked already): it samples one image
+    with DDIM, eta 0 and no guidance, repainting the whole mask, from no prompt."""
+    notes: list[str] = []
     if str(request.get("prompt") or "").strip():
         notes.append("prompt (the inpaint model takes none)")
     total = request["batch_size"] * request["n_iter"]
@@ -136,11 +165,15 @@ def _inpaint(
         notes.append(f"batch_size × n_iter = {total} (inpainting makes one image)")
     asked = sampler_asked(request)
     if asked and asked.upper() != DDIM:
-        notes.append(f"sampler {asked} (ran DDIM)")
-    params = _validated(
-        INPAINT_IMAGE, [("steps", request["steps"]), ("seed", seed)], ["image", "mask"]
-    )
-    return Plan(INPAINT_IMAGE, params, {"image": image, "mask": mask}, tuple(notes), DDIM, seed)
+        notes.append(f"sampler {_clip(asked)} (ran DDIM)")
+    if "cfg_scale" in sent and request["cfg_scale"] != INPAINT_GUIDANCE:
+        notes.append(f"cfg_scale {request['cfg_scale']:g} (inpainting runs without guidance)")
+    strength = request["denoising_strength"]
+    if "denoising_strength" in sent and strength != INPAINT_STRENGTH:
+        notes.append(f"denoising_strength {strength:g} (inpainting repaints the mask whole: ran 1)")
+    if "eta" in sent and request["eta"]:
+        notes.append(f"eta {request['eta']:g} (inpainting runs 0)")
+    return notes
 
 
 def _common_notes(request: Mapping[str, Any]) -> list[str]:
@@ -152,7 +185,9 @@ def _common_notes(request: Mapping[str, Any]) -> list[str]:
         notes.append("face restoration (restore_faces)")
     styles = [str(style) for style in request.get("styles") or []]
     if styles:
-        notes.append(f"styles {', '.join(_clip(style) for style in styles)}")
+        shown = ", ".join(_clip(style, CLIPPED_STYLE) for style in styles[:SHOWN_STYLES])
+        more = len(styles) - SHOWN_STYLES
+        notes.append(f"styles {shown}" + (f" and {more} more" if more > 0 else ""))
     return notes
 
 
@@ -203,6 +238,10 @@ def as_422(error: ApiError) -> DialectError:
     return invalid(loc, error.message)
 
 
-def _clip(text: str) -> str:
-    shown = text if len(text) <= 60 else text[:60] + "…"
+def _clip(text: str, length: int = CLIPPED) -> str:
+    shown = text if len(text) <= length else text[:length] + "…"
     return '"' + shown.replace("\n", " ") + '"'
+
+
+def _capped(notes: Sequence[str]) -> tuple[str, ...]:
+    return tuple(note if len(note) <= MAX_NOTE else note[: MAX_NOTE - 1] + "…" for note in notes)
