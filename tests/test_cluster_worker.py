@@ -519,3 +519,68 @@ def test_a_start_whose_answer_was_lost_is_not_made_twice(tmp_path: Path) -> None
         assert len(stream_entries(client, message.endpoint, message.id)) == 1
     finally:
         server.stop()
+
+
+def test_a_restarted_host_takes_its_checkpoints_digests_from_the_cache(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A 4 GB checkpoint is read once, not at every start: the second start takes the digest
+    the first left in SD_REST_WORKER_DIR/checkpoints.json (here made recognisable)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    folder = tmp_path / "worker"
+    first = WorkerHost(redis_url, folder, ["--runner", "process"])
+    try:
+        first.start(client)
+    finally:
+        first.end()
+    cache = folder / "checkpoints.json"
+    doc = json.loads(cache.read_text())
+    assert len(doc["files"]) == 2
+    for entry in doc["files"].values():
+        entry["sha256"] = "f" * 64  # what hashing the file again could never give
+    cache.write_text(json.dumps(doc))
+    second = WorkerHost(redis_url, folder, ["--runner", "process"])
+    try:
+        second.start(client)
+        record = second.record(client)
+    finally:
+        second.end()
+    assert record is not None
+    assert {model["sha256"] for model in record["models"]} == {"f" * 64}
+
+
+def test_a_host_running_two_jobs_lists_both(own_redis: str, tmp_path: Path) -> None:
+    """--concurrency 2: both jobs run at once, the record says busy with both, then idle
+    with none, each job complete."""
+    import redis
+
+    client = redis.Redis.from_url(own_redis)
+    worker = WorkerHost(
+        own_redis, tmp_path / "worker",
+        ["--runner", "process", "--concurrency", "2", "--heartbeat-timeout", "2"], SLOW,
+    )  # fmt: skip
+    fields = {**TEXT_TO_IMAGE, "iterations": 2, "batchSize": 2}
+    messages = [job_message("text-to-image", fields) for _ in "ab"]
+    try:
+        worker.start(client)
+        for message in messages:
+            submit(client, own_redis, message)
+
+        def both() -> dict[str, Any] | None:
+            record = worker.record(client)
+            return record if record is not None and len(record["jobs"]) == 2 else None
+
+        record = wait_until(both, "both jobs in the record")
+        assert record["state"] == "busy" and record["concurrency"] == 2
+        assert sorted(job["id"] for job in record["jobs"]) == sorted(m.id for m in messages)
+        for message in messages:
+            check_complete(wait_end(client, message), 4, 42, (256, 256))
+        wait_until(
+            lambda: (worker.record(client) or {}).get("jobs") == [], "the record to say idle"
+        )
+        record = worker.record(client)
+        assert record is not None and record["state"] == "idle" and record["served"] == 2
+    finally:
+        worker.end()
