@@ -8,7 +8,8 @@ from __future__ import annotations
 import io
 import json
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -347,3 +348,239 @@ def test_sigterm_gives_the_job_back_and_leaves_the_registry(
     assert [i.n for i in images] == list(range(1, 7))  # each once, the first host's kept
     assert b"deaths" not in client.hgetall(keys.job(message.endpoint, message.id))
     assert made < 6
+
+
+# --- Redis unreachable mid-delivery: nothing is lost -------------------------------------
+
+
+@pytest.fixture
+def outage(tmp_path: Path) -> Iterator[Callable[[bool], tuple[RedisServer, WorkerHost]]]:
+    """Makes a Redis of the test's own, to stop and start again (`persist`: its data survive
+    that), and a worker host on it running one process per job."""
+    import redis
+
+    reason = redis_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    made: list[tuple[RedisServer, WorkerHost]] = []
+
+    def make(persist: bool) -> tuple[RedisServer, WorkerHost]:
+        server = RedisServer(tmp_path / "redis", persist=persist).start()
+        worker = WorkerHost(
+            server.url,
+            tmp_path / "worker",
+            ["--runner", "process", "--heartbeat-timeout", "2"],
+            {**SLOW, "SD_SIM_ARGV_LOG": str(tmp_path / "argv.jsonl")},
+        )
+        worker.argv_log = tmp_path / "argv.jsonl"  # type: ignore[attr-defined]
+        made.append((server, worker))
+        worker.start(redis.Redis.from_url(server.url))
+        return server, worker
+
+    yield make
+    for server, worker in made:
+        worker.end()
+        server.stop()
+
+
+def _cut_off_while_it_runs(server: RedisServer, worker: WorkerHost, message: JobMessage) -> None:
+    """Redis stops after the job's first image and stays away until its script has ended,
+    and a while more (longer than the heartbeat timeout), then comes back."""
+    client = server.client()
+    wait_until(
+        lambda: any(
+            isinstance(e, entries.Image)
+            for e in stream_entries(client, message.endpoint, message.id)
+        ),
+        "the job's first image",
+    )
+    server.stop()
+    wait_gone(ran(worker, message), timeout=20)
+    time.sleep(3)  # beyond --heartbeat-timeout 2: the host must not give up
+    server.start()
+
+
+def test_a_run_cut_off_from_redis_is_reported_once_redis_is_back(
+    outage: Callable[[bool], tuple[RedisServer, WorkerHost]],
+) -> None:
+    """The script finishes while Redis is away: its images and end wait on the host and go
+    through the fence when Redis answers again; every image once, the job complete."""
+    server, worker = outage(True)
+    message = job_message("text-to-image", {**TEXT_TO_IMAGE, "iterations": 2, "batchSize": 2})
+    submit(server.client(), server.url, message)
+    _cut_off_while_it_runs(server, worker, message)
+    client = server.client()
+    found = wait_end(client, message)
+    check_complete(found, 4, 42, (256, 256))
+    assert client.hget(keys.job(message.endpoint, message.id), "made") == b"4"
+    assert len(ran(worker, message)) == 1
+    wait_until(lambda: served(client, worker) == 1, "the delivery to be over")
+    assert acknowledged(client, message)
+    assert list((worker.folder / str(worker.process.pid)).rglob("*.png")) == []  # type: ignore[union-attr]
+    said = worker.log()
+    assert said.count("Redis cannot be reached") == 1 and said.count("Redis answers again") == 1
+    # Redis away for seconds: each repeating complaint once, not every second per thread.
+    assert said.count("Consumer encountered a connection error") == 1, said
+    assert said.count("Restarting consumer") <= 1, said
+    assert said.count("listening for cancels") <= 1, said
+
+
+def test_a_run_whose_job_redis_lost_is_dropped(
+    outage: Callable[[bool], tuple[RedisServer, WorkerHost]],
+) -> None:
+    """Redis comes back empty (no persistence): the job's hash is gone (the API node enqueues
+    it again), so the host drops what it kept, adds nothing, and takes jobs again."""
+    server, worker = outage(False)
+    message = job_message("text-to-image", {**TEXT_TO_IMAGE, "iterations": 4})
+    submit(server.client(), server.url, message)
+    _cut_off_while_it_runs(server, worker, message)
+    client = server.client()
+    wait_until(lambda: worker.record(client) and served(client, worker) == 1, "the end")
+    assert client.exists(keys.stream(message.endpoint, message.id)) == 0
+    assert client.exists(keys.job(message.endpoint, message.id)) == 0
+    scratch = worker.folder / str(worker.process.pid)  # type: ignore[union-attr]
+    assert [path for path in scratch.rglob("*") if not path.is_dir()] == []
+    again = job_message("text-to-image", TEXT_TO_IMAGE)
+    submit(client, server.url, again)
+    check_complete(wait_end(client, again), 1, 42, (256, 256))
+
+
+def _deliveries(url: str) -> Any:
+    """The actor's body on its own (no run is handed over in these tests), on a real Redis."""
+    import redis
+
+    from sd_rest.cluster.fence import Fence
+    from sd_rest.workerhost.deliveries import Deliveries
+
+    client = redis.Redis.from_url(url)
+    ref = entries.WorkerRef("this-host", 4242, "this-host-4242-x")
+    return Deliveries(Fence(client), client, None, None, [], ref, lambda q, p: None)  # type: ignore[arg-type]
+
+
+def _start_while_redis_is_away(server: RedisServer, message: JobMessage, attempt: str) -> Any:
+    """START tried with Redis stopped; Redis started again a moment later; START's answer."""
+    import threading
+
+    deliveries = _deliveries(server.url)
+    server.stop()
+    answers: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: answers.append(deliveries._start(message.endpoint, message.id, attempt))
+    )
+    thread.start()
+    time.sleep(1)  # a few tries fail
+    server.start()
+    thread.join(30)
+    assert answers, "START never answered once Redis was back"
+    return answers[0]
+
+
+def test_a_start_redis_cannot_take_is_tried_until_it_can(tmp_path: Path) -> None:
+    """A delivery whose START meets Redis away is not acknowledged into oblivion: START is
+    tried again until Redis answers, and the job runs."""
+    reason = redis_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = RedisServer(tmp_path / "redis", persist=True).start()
+    try:
+        message = job_message("text-to-image", TEXT_TO_IMAGE)
+        client = server.client()
+        create_job(client, message.endpoint, message.id, made=1)
+        start = _start_while_redis_is_away(server, message, "attempt-1")
+        assert (start.verdict, start.made, start.delivery) == ("run", 1, 1)
+        client = server.client()
+        found = stream_entries(client, message.endpoint, message.id)
+        assert [type(e) for e in found] == [entries.Started]
+        assert client.hget(keys.job(message.endpoint, message.id), "attempt") == b"attempt-1"
+    finally:
+        server.stop()
+
+
+def test_a_start_whose_answer_was_lost_is_not_made_twice(tmp_path: Path) -> None:
+    """START ran but its answer never came back (Redis went away): the next try finds the
+    attempt in the job's hash and runs it, neither starting it again nor counting this host
+    as a death of the job."""
+    reason = redis_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = RedisServer(tmp_path / "redis", persist=True).start()
+    try:
+        message = job_message("text-to-image", TEXT_TO_IMAGE)
+        client = server.client()
+        create_job(client, message.endpoint, message.id)
+        _deliveries(server.url).fence.start(
+            message.endpoint, message.id, "attempt-1", entries.WorkerRef("this-host", 4242, "x")
+        )
+        start = _start_while_redis_is_away(server, message, "attempt-1")
+        assert (start.verdict, start.made, start.delivery) == ("run", 0, 1)
+        client = server.client()
+        state = client.hgetall(keys.job(message.endpoint, message.id))
+        assert state[b"deliveries"] == b"1" and b"deaths" not in state
+        assert len(stream_entries(client, message.endpoint, message.id)) == 1
+    finally:
+        server.stop()
+
+
+def test_a_restarted_host_takes_its_checkpoints_digests_from_the_cache(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A 4 GB checkpoint is read once, not at every start: the second start takes the digest
+    the first left in SD_REST_WORKER_DIR/checkpoints.json (here made recognisable)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    folder = tmp_path / "worker"
+    first = WorkerHost(redis_url, folder, ["--runner", "process"])
+    try:
+        first.start(client)
+    finally:
+        first.end()
+    cache = folder / "checkpoints.json"
+    doc = json.loads(cache.read_text())
+    assert len(doc["files"]) == 2
+    for entry in doc["files"].values():
+        entry["sha256"] = "f" * 64  # what hashing the file again could never give
+    cache.write_text(json.dumps(doc))
+    second = WorkerHost(redis_url, folder, ["--runner", "process"])
+    try:
+        second.start(client)
+        record = second.record(client)
+    finally:
+        second.end()
+    assert record is not None
+    assert {model["sha256"] for model in record["models"]} == {"f" * 64}
+
+
+def test_a_host_running_two_jobs_lists_both(own_redis: str, tmp_path: Path) -> None:
+    """--concurrency 2: both jobs run at once, the record says busy with both, then idle
+    with none, each job complete."""
+    import redis
+
+    client = redis.Redis.from_url(own_redis)
+    worker = WorkerHost(
+        own_redis, tmp_path / "worker",
+        ["--runner", "process", "--concurrency", "2", "--heartbeat-timeout", "2"], SLOW,
+    )  # fmt: skip
+    fields = {**TEXT_TO_IMAGE, "iterations": 2, "batchSize": 2}
+    messages = [job_message("text-to-image", fields) for _ in "ab"]
+    try:
+        worker.start(client)
+        for message in messages:
+            submit(client, own_redis, message)
+
+        def both() -> dict[str, Any] | None:
+            record = worker.record(client)
+            return record if record is not None and len(record["jobs"]) == 2 else None
+
+        record = wait_until(both, "both jobs in the record")
+        assert record["state"] == "busy" and record["concurrency"] == 2
+        assert sorted(job["id"] for job in record["jobs"]) == sorted(m.id for m in messages)
+        for message in messages:
+            check_complete(wait_end(client, message), 4, 42, (256, 256))
+        wait_until(
+            lambda: (worker.record(client) or {}).get("jobs") == [], "the record to say idle"
+        )
+        record = worker.record(client)
+        assert record is not None and record["state"] == "idle" and record["served"] == 2
+    finally:
+        worker.end()

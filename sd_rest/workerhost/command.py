@@ -27,7 +27,7 @@ from sd_rest.cluster.entries import WorkerRef
 from sd_rest.settings import Settings
 from sd_rest.setup import check as setup_checks
 from sd_rest.setup.demo import SIMULATOR, demo_checkpoint
-from sd_rest.workerhost import checks
+from sd_rest.workerhost import checks, quiet
 from sd_rest.workerhost.folders import WORKER_DIR_ENV, scratch_folder, worker_dir
 
 log = logging.getLogger("sd_rest")
@@ -127,6 +127,7 @@ def worker(
     here, send back progress and images."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    quiet.install()
     url = _broker_url(broker)
     ctx = click.get_current_context()
     if demo:

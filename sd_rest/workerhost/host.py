@@ -76,7 +76,7 @@ class WorkerHost:
         self.runners = Runners(settings, self.store)
         self.jobs = self._on_loop(self._make_jobs())
         self.deliveries = Deliveries(
-            Fence(self.client), self.jobs, self.loop, config.models, config.ref,
+            Fence(self.client), self.client, self.jobs, self.loop, config.models, config.ref,
             self._send_again,
         )  # fmt: skip
         self.cancels = CancelListener(self.client, self._cancel)
@@ -95,7 +95,7 @@ class WorkerHost:
 
         client = redis.asyncio.Redis.from_url(self.config.broker_url)
         self.runners.start()  # a resident worker warms up before the first job
-        return LocalJobs(self.runners, self.store, client, self.config.heartbeat_timeout)
+        return LocalJobs(self.runners, self.store, client)
 
     # --- running ----------------------------------------------------------------------
 
@@ -144,8 +144,8 @@ class WorkerHost:
         try:
             self.deliveries.handle(payload)
         except Exception:
-            # Redis gone mid-delivery, or a bug: logged; the message is acknowledged (a
-            # delivery that failed here would fail again), the job's hash says where it is.
+            # A bug (Redis away is waited out below, never raised): logged; the message is
+            # acknowledged (a delivery that failed here would fail again).
             log.exception("a delivery failed on this worker host")
 
     def _cancel(self, endpoint: str, job_id: str) -> None:

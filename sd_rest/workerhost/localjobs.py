@@ -52,19 +52,18 @@ class LocalJobs:
         runners: Runners,
         store: JobStore,
         client: redis.asyncio.Redis,
-        patience: float,
     ) -> None:
         self.runners = runners
         self.store = store
         self.client = client
         self.fence = AsyncFence(client)
-        self.patience = patience
         self.running: dict[Key, Runner] = {}
         self.stopping = False
 
     async def run(self, delivery: Delivery) -> OutcomeKind | None:
         """Run one delivery to its end entry; the outcome added (None: nothing was, the
-        attempt being superseded or Redis gone)."""
+        attempt being superseded or the job's hash gone). While Redis is unreachable this
+        waits, the run's report kept (sink.py): the delivery is only over once it is sent."""
         message = delivery.message
         job = _local_job(delivery)
         if len(job.images) >= job.total_images:  # everything made before: just say so
@@ -73,12 +72,12 @@ class LocalJobs:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._clear, job)
         await self.store.restore_inputs(job, message.inputs)
-        sink = FencedSink(self.fence, job, delivery.attempt, self.store.layout, self.patience)
+        sink = FencedSink(self.fence, job, delivery.attempt, self.store.layout)
         runner = sink.runner = self.runners(job, sink)
         self.running[key] = runner
         try:
             # A cancel published between START and now reached nobody: ask the hash once.
-            if await self.client.hget(keys.job(*key), "canceled") == b"1":
+            if await self._canceled(key):
                 runner.cancel()
             if self.stopping:
                 runner.stop(self.runners.settings.shutdown_grace)
@@ -99,13 +98,21 @@ class LocalJobs:
         loop = asyncio.get_running_loop()
         tail = await loop.run_in_executor(None, self._log_tail, job)
         if sink is None:
-            sink = FencedSink(self.fence, job, delivery.attempt, self.store.layout, self.patience)
+            sink = FencedSink(self.fence, job, delivery.attempt, self.store.layout)
         answer = await sink.end(outcome.kind.value, outcome.error, tail)  # type: ignore[arg-type]
         await loop.run_in_executor(None, self._clear, job)
         if answer != ADDED:
             return None
         log.info("job %s/%s: %s", job.endpoint, job.id, outcome.kind.value)
         return outcome.kind
+
+    async def _canceled(self, key: Key) -> bool:
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        try:
+            return await self.client.hget(keys.job(*key), "canceled") == b"1"
+        except (ConnectionError, TimeoutError, OSError):
+            return False  # Redis away: the run's first report through the fence will tell
 
     def cancel(self, endpoint: str, job_id: str) -> None:
         runner = self.running.get((endpoint, job_id))

@@ -4,11 +4,17 @@ runs/seam.py, on the worker host's event loop).
 - started: nothing to add: START added the attempt's `started` entry;
 - progress: coalesced (a fast tqdm must not flood Redis): at most one entry per
   `PROGRESS_EVERY`, but the last value of each image always goes, before the next image's;
-- published: the image's bytes, read from the scratch job folder where the publisher put
-  them (labelled), with its number, seed and position; pending progress goes first;
-- the end: outcome, error and the log's tail.
-The fence answers each add: superseded (another attempt is current) stops the run and adds
-nothing more; canceled stops the run, and only its end is added.
+- published: the image is the run's at once (it stays in the scratch job folder) and its
+  entry (number, seed, position, the PNG's bytes read only when sent) goes after the pending
+  progress;
+- the end: outcome, error and the log's tail; `end` returns once everything is sent.
+
+Every entry waits in an outbox that one sender task empties in order. While Redis cannot be
+reached the sender keeps the entries (the script goes on; its images stay on disk) and tries
+again with backoff, for as long as it takes: nothing is dropped because Redis was away. When
+Redis answers, the fence decides: superseded (another attempt is current, or the job's hash
+is gone because Redis lost it and the API node enqueues the job again) stops the run and
+drops the rest; canceled stops the run, and only its end goes.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Final
 
 from sd_rest.cluster import entries
@@ -31,25 +39,31 @@ RETRY_FIRST: Final = 0.2  # seconds before retrying an add Redis did not take, t
 RETRY_MOST: Final = 2.0
 
 
+@dataclass
+class _Entry:
+    kind: str  # entries.PROGRESS, IMAGE or END
+    progress: tuple[int, float] | None = None
+    record: ImageRecord | None = None
+    end: entries.Fields | None = None
+
+
 class FencedSink:
-    def __init__(
-        self, fence: AsyncFence, job: Job, attempt: str, layout: Layout, patience: float
-    ) -> None:
+    def __init__(self, fence: AsyncFence, job: Job, attempt: str, layout: Layout) -> None:
         self.fence = fence
         self.job = job
         self.attempt = attempt
         self.layout = layout
-        self.patience = patience  # seconds an add may wait for Redis before the run is stopped
         self.runner: Runner | None = None  # set once the runner is made
-        self.superseded = False  # another attempt is current: add nothing more
+        self.superseded = False  # another attempt is current (or the hash is gone): no more
         self.canceled = False  # the job was canceled: only the end goes
-        self.broken: str | None = None  # Redis did not take an add within `patience`
-        self.ended = False  # the end is sent: output that comes after it is not reported
-        self._lock = asyncio.Lock()  # one add at a time: the stream's order is the calls'
+        self.ended = False  # the end is queued: output that comes after it is not reported
+        self.holding = False  # Redis is unreachable: the entries wait here
+        self._outbox: deque[_Entry] = deque()
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[int] | None = None
         self._pending: tuple[int, float] | None = None
         self._last_sent = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self._sending: set[asyncio.Task[int]] = set()
 
     # --- RunSink ----------------------------------------------------------------------
 
@@ -60,7 +74,7 @@ class FencedSink:
         if self._closed:
             return
         if self._pending is not None and self._pending[0] != index:
-            self._send(self._pending)  # the previous image's last value goes first
+            self._queue_progress(self._pending)  # the previous image's last value goes first
             self._pending = None
         self._pending = (index, fraction)
         wait = PROGRESS_EVERY - (time.monotonic() - self._last_sent)
@@ -70,88 +84,145 @@ class FencedSink:
             self._timer = asyncio.get_running_loop().call_later(wait, self._send_pending)
 
     async def published(self, record: ImageRecord) -> None:
-        await self._drain()
         if self._closed:
             return
-        path = self.layout.image(self.job.endpoint, self.job.id, record.n)
-        loop = asyncio.get_running_loop()
-        png = await loop.run_in_executor(None, path.read_bytes)
-        fields = entries.image(self.attempt, record.n, record.seed, record.position, png)
-        if await self._add(fields) == ADDED:
-            self.job.images = (*self.job.images, record)
-            await loop.run_in_executor(None, lambda: path.unlink(missing_ok=True))
+        self._flush_progress()
+        # The run's from now on (its file stays in the scratch folder until it is sent), so
+        # the run ends complete even when Redis is away when it does.
+        self.job.images = (*self.job.images, record)
+        self._queue(_Entry(entries.IMAGE, record=record))
 
     # --- the end ----------------------------------------------------------------------
 
     async def end(self, outcome: entries.Outcome, error: str | None, log_tail: bytes) -> int:
-        """Add the run's end (after any progress still pending); the fence's answer."""
+        """Queue the run's end after everything else and wait until all is sent (however
+        long Redis is away); the fence's answer to the end."""
+        self._flush_progress()
         self.ended = True
-        await self._drain()
-        if self.superseded or self.broken:
+        self._wake.set()  # a sender waiting for more sees the end (or that none comes)
+        if not self.superseded:
+            fields = entries.end(self.attempt, outcome, error, log_tail)
+            self._queue(_Entry(entries.END, end=fields))
+        if self._sender is None:
             return SUPERSEDED
-        return await self._add(entries.end(self.attempt, outcome, error, log_tail))
+        return await self._sender
 
-    # --- sending ----------------------------------------------------------------------
+    # --- the outbox -------------------------------------------------------------------
 
     @property
     def _closed(self) -> bool:
-        return self.superseded or self.canceled or self.ended or self.broken is not None
+        return self.superseded or self.canceled or self.ended
 
     def _send_pending(self) -> None:
         self._timer = None
-        if self._pending is not None and not (self.superseded or self.canceled or self.broken):
+        if self._pending is not None and not self._closed:
             value, self._pending = self._pending, None
-            self._send(value)
+            self._queue_progress(value)
 
-    def _send(self, value: tuple[int, float]) -> None:
-        self._last_sent = time.monotonic()
-        task = asyncio.create_task(self._add(entries.progress(self.attempt, *value)))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _drain(self) -> None:
-        """Everything of the progress sent, in order, before what comes next."""
+    def _flush_progress(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         self._send_pending()
-        if self._sending:
-            await asyncio.gather(*list(self._sending))
 
-    async def _add(self, fields: entries.Fields) -> int:
-        is_end = fields["kind"] == entries.END
-        async with self._lock:
-            if self.superseded or self.broken or (self.canceled and not is_end):
-                return SUPERSEDED
-            answer = await self._add_patiently(fields)
-        if answer == SUPERSEDED and not self.broken:
-            log.info("job %s/%s: attempt %s was superseded: stopping it",
-                     self.job.endpoint, self.job.id, self.attempt)  # fmt: skip
-            self.superseded = True
-            self._stop_run()
-        elif answer == CANCELED and not self.canceled:
-            self.canceled = True
-            self._stop_run()
-        return answer
+    def _queue_progress(self, value: tuple[int, float]) -> None:
+        self._last_sent = time.monotonic()
+        # While entries wait (Redis away), a newer value of the same image replaces the
+        # last one waiting: an outage of an hour holds one progress entry, not 36,000.
+        last = self._outbox[-1] if len(self._outbox) > 1 else None
+        if last is not None and last.progress is not None and last.progress[0] == value[0]:
+            last.progress = value
+            return
+        self._queue(_Entry(entries.PROGRESS, progress=value))
 
-    async def _add_patiently(self, fields: entries.Fields) -> int:
-        """The fence's answer; Redis unreachable is retried for `patience` seconds, then the
-        run is stopped (its message is delivered again once this host's heartbeat stops)."""
-        from redis.exceptions import RedisError
+    def _queue(self, entry: _Entry) -> None:
+        self._outbox.append(entry)
+        self._wake.set()
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_all())
 
-        deadline = time.monotonic() + self.patience
+    async def _send_all(self) -> int:
+        """Send the outbox in order until the end is sent; the end's answer."""
+        while True:
+            if not self._outbox:
+                if self.ended:
+                    return SUPERSEDED  # the end was dropped (superseded)
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            entry = self._outbox[0]
+            if self.canceled and entry.kind != entries.END:
+                self._outbox.popleft()
+                continue
+            answer = await self._send_patiently(entry)
+            self._outbox.popleft()
+            if entry.kind == entries.IMAGE and answer == ADDED:
+                await self._forget_image(entry)
+            if answer == SUPERSEDED:
+                self._superseded()
+            elif answer == CANCELED and not self.canceled:
+                self.canceled = True
+                self._stop_run()
+            if entry.kind == entries.END:
+                return answer
+
+    async def _send_patiently(self, entry: _Entry) -> int:
+        """The fence's answer to `entry`, however long Redis takes to answer."""
+        from redis.exceptions import ConnectionError, TimeoutError
+
         delay = RETRY_FIRST
         while True:
+            fields = await self._fields(entry)
+            if fields is None:
+                return SUPERSEDED  # the image's file is gone: nothing can go after it
             try:
-                return await self.fence.add(self.job.endpoint, self.job.id, self.attempt, fields)
-            except (RedisError, OSError) as exc:
-                if time.monotonic() + delay > deadline:
-                    self.broken = f"Redis did not take the job's report: {exc}"
-                    log.error("job %s/%s: %s; stopping its run",
-                              self.job.endpoint, self.job.id, self.broken)  # fmt: skip
-                    self._stop_run()
-                    return SUPERSEDED
+                answer = await self.fence.add(self.job.endpoint, self.job.id, self.attempt, fields)
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                if not self.holding:
+                    log.warning("job %s/%s: Redis cannot be reached (%s): its report is kept "
+                                "here and sent when Redis answers", self.job.endpoint,
+                                self.job.id, exc)  # fmt: skip
+                    self.holding = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MOST)
+                continue
+            if self.holding:
+                log.info("job %s/%s: Redis answers again: sending what was kept",
+                         self.job.endpoint, self.job.id)  # fmt: skip
+                self.holding = False
+            return answer
+
+    async def _fields(self, entry: _Entry) -> entries.Fields | None:
+        if entry.end is not None:
+            return entry.end
+        if entry.progress is not None:
+            return entries.progress(self.attempt, *entry.progress)
+        record = entry.record
+        assert record is not None
+        path = self.layout.image(self.job.endpoint, self.job.id, record.n)
+        try:
+            # Read when sent, not kept: a long outage holds files, not memory.
+            png = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
+        except OSError as exc:
+            log.error("job %s/%s: image %d could not be read to be sent (%s): the run stops",
+                      self.job.endpoint, self.job.id, record.n, exc)  # fmt: skip
+            return None
+        return entries.image(self.attempt, record.n, record.seed, record.position, png)
+
+    async def _forget_image(self, entry: _Entry) -> None:
+        assert entry.record is not None
+        path = self.layout.image(self.job.endpoint, self.job.id, entry.record.n)
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: path.unlink(missing_ok=True)
+        )
+
+    def _superseded(self) -> None:
+        if self.superseded:
+            return
+        log.info("job %s/%s: attempt %s was superseded (or the job is gone): stopping it",
+                 self.job.endpoint, self.job.id, self.attempt)  # fmt: skip
+        self.superseded = True
+        self._outbox.clear()
+        self._stop_run()
 
     def _stop_run(self) -> None:
         if self.runner is not None:
