@@ -122,10 +122,11 @@ class NodeRedis:
             kwargs={},
             options={},
         )
-        await asyncio.to_thread(self._broker.enqueue, dramatiq_message)
+        sent = await asyncio.to_thread(self._broker.enqueue, dramatiq_message)
+        # The id the message has in Redis (not Dramatiq's message_id): to take it back.
+        redis_id = sent.options.get("redis_message_id", "")
         await self.redis.hset(
-            keys.job(message.endpoint, message.id),
-            mapping={"enqueued": 1, "message": dramatiq_message.message_id},
+            keys.job(message.endpoint, message.id), mapping={"enqueued": 1, "message": redis_id}
         )
 
     async def cancel(self, endpoint: str, id_: str) -> None:
