@@ -611,3 +611,55 @@ def test_a_job_whose_worker_host_is_gone_waits_in_the_queue_again(
     # It was alive after all: its next entry runs the job again.
     worker.progress(run, 1, 0.7)
     node.wait_status(url, {"IN_PROGRESS"})
+
+
+class _Recorder:
+    """The follower's target (its seam): records entries; the first one fails."""
+
+    def __init__(self) -> None:
+        self.seen: list[entries.Entry] = []
+
+    async def entry(self, entry: entries.Entry) -> None:
+        self.seen.append(entry)
+        if len(self.seen) == 1:
+            raise ValueError("a bug in one entry's handling")
+
+    async def redis_back(self) -> None:
+        return None
+
+
+def test_the_follower_reads_a_stream_once_started_and_survives_a_failing_entry(
+    redis_url: str,
+) -> None:
+    from sd_rest.cluster.fence import Fence
+    from sd_rest.cluster.follower import Follower
+
+    client = redis.Redis.from_url(redis_url)
+    endpoint, id_ = "text-to-image", "d" * 32
+    stream = keys.stream(endpoint, id_)
+    client.hset(keys.job(endpoint, id_), mapping={"queue": "q", "made": 0, "enqueued": 1,
+                                                  "canceled": 0, "deliveries": 0})  # fmt: skip
+    client.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+    target = _Recorder()
+
+    async def scenario() -> None:
+        follower = Follower(redis_url)
+        follower.start()
+        try:
+            follower.follow(stream, keys.job(endpoint, id_), target, active=False)
+            client.xadd(stream, entries.progress("x", 1, 0.1))  # not started: not read
+            await asyncio.sleep(0.5)
+            assert target.seen == []
+            ref = entries.WorkerRef("h", 1, "w")
+            assert Fence(client).start(endpoint, id_, "t1", ref).verdict == "run"
+            for _ in range(200):
+                if len(target.seen) >= 2 and not client.xpending(stream, keys.GROUP)["pending"]:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await follower.close()
+
+    asyncio.run(scenario())
+    assert [type(e) for e in target.seen] == [entries.Progress, entries.Started]
+    # The failing entry was logged and acknowledged, not left pending for good.
+    assert client.xpending(stream, keys.GROUP)["pending"] == 0
