@@ -1,13 +1,10 @@
-"""A stand-in for a worker host, for the API node's tests (test_cluster_node.py): it takes
-the Dramatiq message of a job with Dramatiq's own consumer, and writes the job's stream the
-way cluster.md's fence does (START and ADD, here as plain redis-py calls in a test, not the
-Lua scripts), with the codecs of sd_rest/cluster/entries.py. It also writes worker records as
-a worker host's heartbeat does.
-
-It stands in for the real worker host (sd_rest/workerhost, written at the same time): once
-that exists, the lead may replace this module with real worker processes; the tests only use
-`take`, `start`, `progress`, `image`, `end` and `register`.
-"""
+"""A worker host driven step by step, for the API node's tests (test_cluster_node.py) that
+need entries a real host would only write by chance (an old attempt's late image, a stop at
+a chosen moment, an end the node must read after its restart): it takes the Dramatiq message
+of a job with Dramatiq's own consumer and writes the job's stream through the real fence
+(cluster/fence.py), with the codecs of cluster/entries.py. It also writes worker records as a
+worker host's heartbeat does. Tests that need no such control use real worker hosts
+(clusterhosts.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +18,7 @@ import redis
 
 from sd_rest.cluster import entries, keys
 from sd_rest.cluster.broker import make_broker
+from sd_rest.cluster.fence import Fence
 from sd_rest.cluster.message import JobMessage
 
 
@@ -41,6 +39,7 @@ class StandInWorker:
 
     def __post_init__(self) -> None:
         self.redis = redis.Redis.from_url(self.url)
+        self.fence = Fence(self.redis)
         self.broker = make_broker(self.url, 30.0)
 
     def close(self) -> None:
@@ -69,50 +68,19 @@ class StandInWorker:
             consumer.close()
         raise AssertionError(f"no message on {queue} within {timeout} s")
 
-    # --- the fence, as cluster.md says it -----------------------------------------------
+    # --- the fence (cluster/fence.py's scripts) ---------------------------------------
 
     def start(self, endpoint: str, id_: str) -> Attempt | str:
         """START: "gone", "canceled", "dead", or the attempt that runs."""
-        job, stream = keys.job(endpoint, id_), keys.stream(endpoint, id_)
-        state = {k.decode(): v.decode() for k, v in self.redis.hgetall(job).items()}
-        if not state:
-            return "gone"
-        if state.get("canceled") == "1":
-            return "canceled"
-        deliveries = self.redis.hincrby(job, "deliveries", 1)
-        previous = state.get("worker")
-        if previous and deliveries > 1:
-            dead = json.loads(previous)
-            deaths = (state.get("deaths", "") + f"{dead['host']} (pid {dead['pid']}); ").strip()
-            self.redis.hset(job, "deaths", deaths)
         attempt = uuid.uuid4().hex
-        self.redis.hset(job, mapping={"attempt": attempt, "worker": json.dumps(self.ref.to_json())})
-        if deliveries > keys.MAX_DEATHS:
-            deaths = self.redis.hget(job, "deaths").decode()
-            error = f"its worker died {keys.MAX_DEATHS} times: {deaths}"
-            self.redis.xadd(stream, entries.end(attempt, "failed", error, b""))
-            return "dead"
-        self.redis.xadd(stream, entries.started(attempt, self.ref, deliveries))
-        return Attempt(endpoint, id_, attempt, int(state["made"]))
+        answer = self.fence.start(endpoint, id_, attempt, self.ref)
+        if answer.verdict != "run":
+            return answer.verdict
+        return Attempt(endpoint, id_, attempt, answer.made)
 
     def add(self, run: Attempt, fields: entries.Fields, n: int = 0) -> int:
         """ADD: 1 added, 0 superseded (or an image out of turn), -1 canceled."""
-        job, stream = keys.job(run.endpoint, run.id), keys.stream(run.endpoint, run.id)
-        state = {k.decode(): v.decode() for k, v in self.redis.hgetall(job).items()}
-        if state.get("attempt") != run.attempt:
-            return 0
-        kind = fields["kind"]
-        if state.get("canceled") == "1" and kind != entries.END:
-            return -1
-        if kind == entries.IMAGE:
-            if n != int(state["made"]) + 1:
-                return 0
-            self.redis.hset(job, "made", n)
-        if kind == entries.END and fields["outcome"] == "stopped":
-            self.redis.hincrby(job, "deliveries", -1)
-            self.redis.hdel(job, "worker")
-        self.redis.xadd(stream, fields)
-        return 1
+        return self.fence.add(run.endpoint, run.id, run.attempt, fields)
 
     def progress(self, run: Attempt, index: int, fraction: float) -> int:
         return self.add(run, entries.progress(run.attempt, index, fraction))

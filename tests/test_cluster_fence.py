@@ -36,7 +36,6 @@ def make_job(client: Any, made: int = 0, **fields: str) -> None:
         mapping={
             "queue": "sha-x",
             "made": str(made),
-            "done": str(made),
             "deliveries": "0",
             "canceled": "0",
             "enqueued": "1",
@@ -103,6 +102,24 @@ def test_past_max_deaths_the_job_ends_failed_naming_the_dead(client: Any, fence:
     )
     # The dead attempt is current: the API node takes its end.
     assert job_hash(client)["attempt"] == "last"
+
+
+def notices(client: Any) -> list[bytes]:
+    return [fields.get(b"job") for _, fields in client.xrange(keys.NOTIFY)]
+
+
+def test_start_tells_the_api_node_a_worker_started_the_job(client: Any, fence: Fence) -> None:
+    make_job(client)
+    assert fence.start(ENDPOINT, JOB, "t1", HOST_A).verdict == "run"
+    assert notices(client) == [keys.stream(ENDPOINT, JOB).encode()]
+    for _ in range(keys.MAX_DEATHS):  # the end of a job whose workers died: told as well
+        fence.start(ENDPOINT, JOB, "t2", HOST_B)
+    assert len(notices(client)) == 1 + keys.MAX_DEATHS
+    client.delete(keys.NOTIFY)
+    client.hset(keys.job(ENDPOINT, JOB), "canceled", "1")  # dropped: nothing to read
+    assert fence.start(ENDPOINT, JOB, "t3", HOST_A).verdict == "canceled"
+    assert fence.start(ENDPOINT, "cd" * 16, "t4", HOST_A).verdict == "gone"
+    assert notices(client) == []
 
 
 def test_add_of_the_current_attempt_is_added(client: Any, fence: Fence) -> None:

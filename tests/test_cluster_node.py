@@ -7,6 +7,7 @@ hosts in `GET /`."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -109,7 +110,7 @@ def test_a_post_enqueues_the_job_with_its_inputs(
         lambda: hash_of(client, url).get("enqueued") == "1" and hash_of(client, url), "enqueued"
     )
     assert state["queue"] == TEXT_QUEUE
-    assert (state["made"], state["done"], state["canceled"], state["deliveries"]) == ("0",) * 4
+    assert (state["made"], state["canceled"], state["deliveries"]) == ("0",) * 3
     groups = client.xinfo_groups(keys.stream(*job_key(url)))
     assert [group["name"] for group in groups] == [keys.GROUP.encode()]
     message = worker.take(TEXT_QUEUE)
@@ -126,6 +127,8 @@ def test_a_post_enqueues_the_job_with_its_inputs(
         field: (folder / name).read_bytes() for field, name in sidecar["inputs"].items()
     }
     assert set(message.inputs) == {"image"}
+    # The client's bytes' digests, which the worker host checks the inputs against.
+    assert message.uploads == sidecar["uploads"] and set(message.uploads) == {"image"}
     # No live worker holds the checkpoint: the job says so while it waits.
     doc = node.get(url).json()
     assert doc["status"] == "QUEUED" and doc["position"] == 1
@@ -155,7 +158,6 @@ def test_the_stream_makes_the_status_images_and_events(
         first, second = png_bytes(32, 32, (1, 2, 3)), png_bytes(32, 32, (4, 5, 6))
         assert worker.image(run, 1, first, seed=7, position=1) == 1
         wait_until(lambda: kept_images(node, url) == 1, "image 1")
-        assert hash_of(client, url)["done"] == "1"
         # Read again (never acknowledged, or a late copy): already kept, skipped.
         client.xadd(keys.stream(*job_key(url)), entries.image(run.attempt, 1, 99, 1, second))
         # An attempt that is not the current one: ignored, whatever it says.
@@ -467,3 +469,197 @@ def test_an_unreachable_redis_at_start_is_a_warning_and_posts_get_503(
     assert "nope" not in server.log()
     response = server.post_json("text-to-image", TWO_IMAGES)
     assert response.status == 503 and response.json()["error"]["code"] == "broker_unavailable"
+
+
+# --- review findings: the reader, the end, the node's broker -------------------------------
+
+
+def test_the_reader_goes_on_with_many_jobs_followed_and_one_canceled(
+    node: Server, worker: StandInWorker
+) -> None:
+    urls = [post(node, {**TWO_IMAGES, "prompt": f"job {n}"}) for n in range(150)]
+    assert node.request("DELETE", urls[0]).json()["status"] == "CANCELED"
+    run = begin_any(worker, urls[1])
+    assert worker.progress(run, 1, 0.5) == 1
+    assert node.wait_status(urls[1], {"IN_PROGRESS"})["progress"]["currentImageIndex"] == 1
+
+
+def begin_any(worker: StandInWorker, url: str) -> Attempt:
+    """Job `url` started by `worker`, whichever message it takes first."""
+    run = worker.start(*job_key(url))
+    assert isinstance(run, Attempt), run
+    return run
+
+
+def test_the_end_stays_in_redis_until_the_outcome_is_durable_and_a_failing_delete_waits(
+    node: Server, worker: StandInWorker, redis_server: RedisServer
+) -> None:
+    client = redis_server.client()
+    url = post(node)
+    run = begin(worker, url)
+    client.execute_command("ACL", "SETUSER", "default", "-del")  # the keys' deletion fails
+    try:
+        worker.image(run, 1, png_bytes(16, 16), 7, 1)
+        worker.image(run, 2, png_bytes(16, 16), 7, 2)
+        worker.end(run, "complete")
+        assert node.wait_status(url, {"COMPLETE", "FAILED"})["status"] == "COMPLETE"
+        # The end was never acknowledged: a node dying now would read it again.
+        last = client.xrange(keys.stream(*job_key(url)))[-1][1]
+        assert last[b"kind"] == b"end"
+        assert client.xpending(keys.stream(*job_key(url)), keys.GROUP)["pending"] == 1
+    finally:
+        client.execute_command("ACL", "SETUSER", "default", "+del")
+    wait_until(lambda: not client.exists(keys.job(*job_key(url))), "deleted once Redis lets it")
+    assert node.get(url).json()["status"] == "COMPLETE"
+
+
+def test_a_canceled_queued_job_settles_at_once_and_its_message_is_taken_back(
+    node: Server, redis_server: RedisServer
+) -> None:
+    client = redis_server.client()
+    url = post(node)
+    wait_until(lambda: hash_of(client, url).get("enqueued") == "1", "enqueued")
+    name = f"{keys.DRAMATIQ_NAMESPACE}:{TEXT_QUEUE}"
+    assert client.llen(name) == 1 and client.hlen(f"{name}.msgs") == 1
+    assert node.request("DELETE", url).json()["status"] == "CANCELED"
+    wait_until(lambda: client.llen(name) == 0 and client.hlen(f"{name}.msgs") == 0, "taken back")
+
+
+def test_the_node_enqueues_without_dramatiqs_cleanup(redis_url: str) -> None:
+    """A node's --heartbeat-timeout shorter than the hosts' never re-delivers a live job."""
+    import dramatiq
+
+    from sd_rest.cluster.connection import NodeRedis
+    from sd_rest.cluster.message import Checkpoint, JobMessage
+
+    client = redis.Redis.from_url(redis_url)
+    namespace, queue = keys.DRAMATIQ_NAMESPACE, "sha-live"
+    # A worker host whose last Dramatiq heartbeat is 5 s old, holding a message.
+    client.zadd(f"{namespace}:__heartbeats__", {"host-b": int(time.time() * 1000) - 5000})
+    client.sadd(f"{namespace}:__acks__.host-b.{queue}", "held-message")
+    message = JobMessage("text-to-image", "f" * 32, {}, Checkpoint("m.ckpt", None), {})
+
+    async def send() -> None:
+        node = NodeRedis(redis_url, heartbeat_timeout=1.0)
+        try:
+            await node.send(queue, message)
+        finally:
+            await node.close()
+
+    asyncio.run(send())
+    assert client.smembers(f"{namespace}:__acks__.host-b.{queue}") == {b"held-message"}
+    assert dramatiq  # the extra is there
+
+
+def test_a_send_cancelled_midway_still_marks_the_job_enqueued(redis_url: str) -> None:
+    from sd_rest.cluster.connection import NodeRedis
+    from sd_rest.cluster.message import Checkpoint, JobMessage
+
+    client = redis.Redis.from_url(redis_url)
+    message = JobMessage("text-to-image", "e" * 32, {}, Checkpoint("m.ckpt", None), {})
+
+    async def scenario() -> None:
+        node = NodeRedis(redis_url, heartbeat_timeout=30.0)
+        try:
+            await node.create("text-to-image", message.id, "sha-cut", 0)
+            sending = asyncio.create_task(node.send("sha-cut", message))
+            await asyncio.sleep(0)  # the message is on its way (a thread)
+            await asyncio.sleep(0)
+            sending.cancel()  # the node stops meanwhile
+            await asyncio.gather(sending, return_exceptions=True)
+            for _ in range(100):
+                if client.hget(keys.job("text-to-image", message.id), "enqueued") == b"1":
+                    return
+                await asyncio.sleep(0.05)
+        finally:
+            await node.close()
+
+    asyncio.run(scenario())
+    assert client.llen(f"{keys.DRAMATIQ_NAMESPACE}:sha-cut") == 1
+    assert client.hget(keys.job("text-to-image", message.id), "enqueued") == b"1"
+
+
+def test_a_hash_left_unsent_after_an_outage_is_sent(
+    node: Server, redis_server: RedisServer
+) -> None:
+    client = redis_server.client()
+    url = post(node)
+    wait_until(lambda: hash_of(client, url).get("enqueued") == "1", "enqueued")
+    name = f"{keys.DRAMATIQ_NAMESPACE}:{TEXT_QUEUE}"
+    # As if Redis went away between the hash and the message.
+    client.delete(name, f"{name}.msgs")
+    client.hset(keys.job(*job_key(url)), "enqueued", "0")
+    client.client_kill_filter(_type="normal", skipme=True)
+    wait_until(lambda: hash_of(client, url).get("enqueued") == "1", "sent again", 20)
+    assert client.llen(name) == 1
+
+
+def test_a_job_whose_worker_host_is_gone_waits_in_the_queue_again(
+    tmp_path: Path, certs: tuple[str, str, str], redis_url: str, servers: list[Server],
+    worker: StandInWorker,
+) -> None:  # fmt: skip
+    node = Server(tmp_path / "output", certs, args=["--broker", redis_url,
+                                                    "--heartbeat-timeout", "1"])  # fmt: skip
+    servers.append(node.start())
+    worker.register([], ttl=1.0)  # its heartbeat stops: gone after a second
+    url = post(node)
+    run = begin(worker, url)
+    worker.progress(run, 1, 0.5)
+    node.wait_status(url, {"IN_PROGRESS"})
+    doc = node.wait_status(url, {"QUEUED"}, timeout=20)
+    assert doc["waiting"].startswith("no live worker holds the text-to-image checkpoint")
+    # It was alive after all: its next entry runs the job again.
+    worker.progress(run, 1, 0.7)
+    node.wait_status(url, {"IN_PROGRESS"})
+
+
+class _Recorder:
+    """The follower's target (its seam): records entries; the first one fails."""
+
+    def __init__(self) -> None:
+        self.seen: list[entries.Entry] = []
+
+    async def entry(self, entry: entries.Entry) -> None:
+        self.seen.append(entry)
+        if len(self.seen) == 1:
+            raise ValueError("a bug in one entry's handling")
+
+    async def redis_back(self) -> None:
+        return None
+
+
+def test_the_follower_reads_a_stream_once_started_and_survives_a_failing_entry(
+    redis_url: str,
+) -> None:
+    from sd_rest.cluster.fence import Fence
+    from sd_rest.cluster.follower import Follower
+
+    client = redis.Redis.from_url(redis_url)
+    endpoint, id_ = "text-to-image", "d" * 32
+    stream = keys.stream(endpoint, id_)
+    client.hset(keys.job(endpoint, id_), mapping={"queue": "q", "made": 0, "enqueued": 1,
+                                                  "canceled": 0, "deliveries": 0})  # fmt: skip
+    client.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+    target = _Recorder()
+
+    async def scenario() -> None:
+        follower = Follower(redis_url)
+        follower.start()
+        try:
+            follower.follow(stream, keys.job(endpoint, id_), target, active=False)
+            client.xadd(stream, entries.progress("x", 1, 0.1))  # not started: not read
+            await asyncio.sleep(0.5)
+            assert target.seen == []
+            ref = entries.WorkerRef("h", 1, "w")
+            assert Fence(client).start(endpoint, id_, "t1", ref).verdict == "run"
+            for _ in range(200):
+                if len(target.seen) >= 2 and not client.xpending(stream, keys.GROUP)["pending"]:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await follower.close()
+
+    asyncio.run(scenario())
+    assert [type(e) for e in target.seen] == [entries.Progress, entries.Started]
+    # The failing entry was logged and acknowledged, not left pending for good.
+    assert client.xpending(stream, keys.GROUP)["pending"] == 0

@@ -61,8 +61,13 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
 
 
-def make_broker(url: str, heartbeat_timeout: float) -> RedisBroker:
-    """Dramatiq's Redis broker with sd-rest's options (see the module's docstring)."""
+def make_broker(url: str, heartbeat_timeout: float, maintenance: bool = True) -> RedisBroker:
+    """Dramatiq's Redis broker with sd-rest's options (see the module's docstring).
+
+    `maintenance=False` for the API node's broker, which only enqueues: Dramatiq's cleanup
+    (re-delivering the messages of consumers silent for `heartbeat_timeout`) then runs only
+    on the worker hosts, with their timeout; an API node's shorter one would take live jobs
+    for dead ones."""
     try:
         from dramatiq.brokers.redis import RedisBroker
         from dramatiq.middleware import ShutdownNotifications
@@ -75,7 +80,7 @@ def make_broker(url: str, heartbeat_timeout: float) -> RedisBroker:
         url=url,
         namespace=keys.DRAMATIQ_NAMESPACE,
         heartbeat_timeout=int(heartbeat_timeout * 1000),
-        maintenance_chance=MAINTENANCE_EVERY_FETCH,
+        maintenance_chance=MAINTENANCE_EVERY_FETCH if maintenance else 0,
         middleware=[ShutdownNotifications()],
         socket_timeout=max(heartbeat_timeout, 10.0),
         socket_connect_timeout=5.0,

@@ -1,7 +1,7 @@
 """The API node's commands to Redis (redis.asyncio): whether Redis answers, a job enqueued
-(its hash and consumer group, then Dramatiq's message, then `enqueued=1`), read, canceled,
-its images counted as kept, and its keys deleted once it is finished. Imported only with
---broker: redis and dramatiq are the `cluster` extra."""
+(its hash and consumer group, then Dramatiq's message, then `enqueued=1`), read, canceled
+(and its message taken back while no worker has it), and its keys deleted once it is
+finished. Imported only with --broker: redis and dramatiq are the `cluster` extra."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 PING_TIMEOUT: Final = 1.0  # seconds a POST waits to learn whether Redis answers
 COMMAND_TIMEOUT: Final = 5.0  # a command's socket timeout (not the follower's blocked read)
+# Connections per client: a burst of commands (1,000 jobs attaching at a start) waits for a
+# free one instead of failing past redis-py's own limit.
+MAX_CONNECTIONS: Final = 32
 # What redis-py raises when Redis cannot be reached or talked to.
 UNREACHABLE: Final = (redis.ConnectionError, redis.TimeoutError, OSError, asyncio.TimeoutError)
 # Any failure of a command: the above, or an error Redis answered with (a wrong password...).
@@ -27,9 +30,38 @@ FAILURES: Final = (*UNREACHABLE, redis.RedisError)
 
 
 def client(url: str, socket_timeout: float = COMMAND_TIMEOUT) -> aredis.Redis:
-    return aredis.Redis.from_url(
-        url, socket_connect_timeout=2.0, socket_timeout=socket_timeout, retry_on_timeout=False
+    pool = aredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=socket_timeout,  # waiting for a free connection
+        socket_connect_timeout=2.0,
+        socket_timeout=socket_timeout,
+        retry_on_timeout=False,
     )
+    return aredis.Redis.from_pool(pool)
+
+
+async def ensure_group(redis_: aredis.Redis, stream: str, first: str = "0") -> None:
+    """The API node's consumer group on `stream` (made with it), reading from `first`."""
+    try:
+        await redis_.xgroup_create(stream, keys.GROUP, id=first, mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def dramatiq_keys(queue: str) -> tuple[str, str]:
+    """Dramatiq's list of a queue's message ids, and its hash of their bodies."""
+    name = f"{keys.DRAMATIQ_NAMESPACE}:{queue}"
+    return name, f"{name}.msgs"
+
+
+# Takes a job's message back from its Dramatiq queue (a canceled job no worker has taken).
+_UNSEND: Final = """
+local removed = redis.call('LREM', KEYS[1], 0, ARGV[1])
+if removed > 0 then redis.call('HDEL', KEYS[2], ARGV[1]) end
+return removed
+"""
 
 
 class NodeRedis:
@@ -48,7 +80,7 @@ class NodeRedis:
         """None when Redis answers a PING within PING_TIMEOUT; else why not, in one line."""
         try:
             await asyncio.wait_for(self.redis.ping(), PING_TIMEOUT)
-        except (*UNREACHABLE, redis.RedisError) as exc:
+        except FAILURES as exc:
             if isinstance(exc, asyncio.TimeoutError):
                 exc = TimeoutError(f"no answer within {PING_TIMEOUT:g} s")
             return broker.explain(exc, self.url)
@@ -66,26 +98,23 @@ class NodeRedis:
         before Dramatiq has the message (a stream of an earlier run goes first)."""
         stream = keys.stream(endpoint, id_)
         fields = {
-            "queue": queue, "made": made, "done": made, "enqueued": 0, "canceled": 0,
-            "deliveries": 0,
+            "queue": queue, "made": made, "enqueued": 0, "canceled": 0, "deliveries": 0,
         }  # fmt: skip
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(stream, keys.job(endpoint, id_))
             pipe.hset(keys.job(endpoint, id_), mapping=fields)
             await pipe.execute()
-        await self.ensure_group(stream)
-
-    async def ensure_group(self, stream: str) -> None:
-        try:
-            await self.redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await ensure_group(self.redis, stream)
 
     async def send(self, queue: str, message: JobMessage) -> None:
-        """Dramatiq's message for the job, then `enqueued=1` in its hash."""
+        """Dramatiq's message for the job, then `enqueued=1` in its hash: both or, when the
+        caller is cancelled meanwhile (this node stopping), both still (shielded), so that
+        a message sent is never sent again by the next start."""
+        await asyncio.shield(self._send(queue, message))
+
+    async def _send(self, queue: str, message: JobMessage) -> None:
         if self._broker is None:
-            self._broker = broker.make_broker(self.url, self.heartbeat_timeout)
+            self._broker = broker.make_broker(self.url, self.heartbeat_timeout, maintenance=False)
         dramatiq_message = dramatiq.Message(
             queue_name=queue,
             actor_name=keys.ACTOR,
@@ -93,20 +122,24 @@ class NodeRedis:
             kwargs={},
             options={},
         )
-        await asyncio.to_thread(self._broker.enqueue, dramatiq_message)
-        await self.redis.hset(keys.job(message.endpoint, message.id), "enqueued", 1)
+        sent = await asyncio.to_thread(self._broker.enqueue, dramatiq_message)
+        # The id the message has in Redis (not Dramatiq's message_id): to take it back.
+        redis_id = sent.options.get("redis_message_id", "")
+        await self.redis.hset(
+            keys.job(message.endpoint, message.id), mapping={"enqueued": 1, "message": redis_id}
+        )
 
     async def cancel(self, endpoint: str, id_: str) -> None:
         """`canceled=1` (a worker taking the message later never runs it), then the news to
-        the worker host running it."""
+        the worker host running it, and the message taken back from its queue if no worker
+        has taken it yet (its input files would stay in Redis for good otherwise)."""
         job = keys.job(endpoint, id_)
         if await self.redis.exists(job):
             await self.redis.hset(job, "canceled", 1)
         await self.redis.publish(keys.CANCEL_CHANNEL, f"{endpoint}:{id_}")
-
-    async def kept(self, endpoint: str, id_: str, n: int) -> None:
-        """Image `n` is durably kept here."""
-        await self.redis.hset(keys.job(endpoint, id_), "done", n)
+        queue, message = await self.redis.hmget(job, ["queue", "message"])
+        if queue and message:
+            await self.redis.eval(_UNSEND, 2, *dramatiq_keys(queue.decode()), message)
 
     async def forget(self, endpoint: str, id_: str) -> None:
         """A finished job: its hash and stream are no longer needed."""

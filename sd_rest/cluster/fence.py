@@ -7,6 +7,8 @@ in order, and a job whose workers keep dying ends FAILED instead of looping.
   dropped); `deliveries += 1`; a previous `worker` left set on a later delivery died: it is
   appended to `deaths`; the new `attempt` and `worker` are set; past `MAX_DEATHS` deliveries an
   `end failed` entry is added and "dead" returned, else a `started` entry and ("run", made).
+  Either entry is announced on the API node's notify stream (keys.NOTIFY: `job <stream>`):
+  the API node reads a job's stream only once a worker has started it.
 - ADD (any later entry): another attempt is current → 0 (superseded: stop, add nothing more);
   canceled and not an end → -1 (stop the script); an image must be number made+1 (else 0) and
   sets `made`; an `end stopped` (the host is stopping) takes its delivery back and clears
@@ -26,8 +28,8 @@ if TYPE_CHECKING:
     import redis.asyncio
 
 START_SCRIPT: Final = """
-local job, stream = KEYS[1], KEYS[2]
-local attempt, worker, max_deaths = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local job, stream, notify = KEYS[1], KEYS[2], KEYS[3]
+local attempt, worker, max_deaths, notify_max = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 if redis.call('EXISTS', job) == 0 then return {'gone'} end
 if redis.call('HGET', job, 'canceled') == '1' then return {'canceled'} end
 local deliveries = redis.call('HINCRBY', job, 'deliveries', 1)
@@ -47,10 +49,12 @@ if deliveries > max_deaths then
   local deaths = redis.call('HGET', job, 'deaths') or ''
   redis.call('XADD', stream, '*', 'kind', 'end', 'attempt', attempt, 'outcome', 'failed',
     'error', 'its worker died ' .. max_deaths .. ' times: ' .. deaths, 'log', '')
+  redis.call('XADD', notify, 'MAXLEN', '~', notify_max, '*', 'job', stream)
   return {'dead'}
 end
 redis.call('XADD', stream, '*', 'kind', 'started', 'attempt', attempt, 'worker', worker,
   'delivery', deliveries)
+redis.call('XADD', notify, 'MAXLEN', '~', notify_max, '*', 'job', stream)
 return {'run', redis.call('HGET', job, 'made') or '0', tostring(deliveries)}
 """
 
@@ -100,7 +104,11 @@ def _start_keys(endpoint: str, job_id: str) -> list[str]:
 
 
 def _start_args(attempt: str, worker: entries.WorkerRef) -> list[str | int]:
-    return [attempt, json.dumps(worker.to_json()), keys.MAX_DEATHS]
+    return [attempt, json.dumps(worker.to_json()), keys.MAX_DEATHS, keys.NOTIFY_MAXLEN]
+
+
+def _notified_keys(endpoint: str, job_id: str) -> list[str]:
+    return [*_start_keys(endpoint, job_id), keys.NOTIFY]
 
 
 def _add_args(attempt: str, fields: entries.Fields) -> list[str | bytes | int | float]:
@@ -133,7 +141,7 @@ class Fence:
         self, endpoint: str, job_id: str, attempt: str, worker: entries.WorkerRef
     ) -> Start:
         return _start_answer(
-            self._start(keys=_start_keys(endpoint, job_id), args=_start_args(attempt, worker))
+            self._start(keys=_notified_keys(endpoint, job_id), args=_start_args(attempt, worker))
         )
 
     def add(self, endpoint: str, job_id: str, attempt: str, fields: entries.Fields) -> int:
@@ -152,7 +160,7 @@ class AsyncFence:
         self, endpoint: str, job_id: str, attempt: str, worker: entries.WorkerRef
     ) -> Start:
         raw = await self._start(
-            keys=_start_keys(endpoint, job_id), args=_start_args(attempt, worker)
+            keys=_notified_keys(endpoint, job_id), args=_start_args(attempt, worker)
         )
         return _start_answer(raw)
 

@@ -1,38 +1,50 @@
-"""The API node's reader of the job streams: one task, one `XREADGROUP` over every followed
-stream (and the wake-up stream, so that a stream followed meanwhile is read at once).
+"""The API node's reader of the job streams: one task, one `XREADGROUP` over the streams of
+the followed jobs a worker has started (the active ones) and the notify stream.
 
-A stream is first read from `0`: the entries delivered to this node before it died and never
-acknowledged; then from `>`, the new ones. Each entry goes to its job's target, and is
-acknowledged and deleted only once the target returns (its effect is durable). A target that
-fails with OSError (the disk refused) leaves the entry pending: it is read again later.
+A job is followed from its enqueue, but its stream is read only once active: the fence's
+START announces each started job on keys.NOTIFY, and a job found started in Redis (this node
+restarted, Redis came back) is active at once. So 1,000 queued jobs cost the reader nothing.
 
-While Redis cannot be reached the reader retries with backoff; once it answers again every
-target is told (`redis_back`: its job's hash may be gone, Redis may have restarted empty) and
-every stream is read from its pending entries again.
+An active stream is first read from `0`: the entries delivered to this node before it died
+and never acknowledged; then from `>`, the new ones. Each stream's entries are handled in
+order by a task of its own (an image's fsync holds up only its own job), and acknowledged
+and deleted once the target returns (its effect is durable). A target that fails with OSError
+(the disk refused) is given the same entry again after a pause. A job's `end` is never
+acknowledged: it stays pending until the job's keys are deleted, after its outcome is durable,
+so an API node that dies in between reads it again.
+
+While Redis cannot be reached the reader retries with backoff; once it answers again, the
+jobs whose hash is gone or whose message may not have been sent are told (`redis_back`), one
+at a time, and every active stream is read from its pending entries again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 import redis
 
 from sd_rest.cluster import keys
-from sd_rest.cluster.connection import UNREACHABLE, client
-from sd_rest.cluster.entries import BadEntry, Entry, decode
+from sd_rest.cluster.connection import FAILURES, client, ensure_group
+from sd_rest.cluster.entries import BadEntry, End, Entry, decode
 
 log = logging.getLogger(__name__)
 
 CONSUMER: Final = "api"
 BLOCK_MS: Final = 5000
 BATCH: Final = 100
+BACKLOG: Final = 2 * BATCH  # entries read but not handled, past which a stream is not read
 BACKOFF_FIRST: Final = 0.1
 BACKOFF_MOST: Final = 2.0
 PENDING: Final = "0"
 NEW: Final = ">"
+
+RawEntry = tuple[bytes, dict[bytes, bytes]]
 
 
 class Target(Protocol):
@@ -41,14 +53,19 @@ class Target(Protocol):
         ...
 
     async def redis_back(self) -> None:
-        """Redis answers again after it could not be reached: check the job's hash."""
+        """Redis answers again after it could not be reached, and the job's hash is gone or
+        says its message may not have been sent: enqueue it (again)."""
         ...
 
 
 @dataclass
 class _Followed:
     target: Target
-    cursor: str = PENDING
+    job: str  # its hash
+    active: bool = False
+    cursor: str = PENDING  # PENDING, an id (pending entries after it), or NEW
+    backlog: deque[RawEntry] = field(default_factory=deque)
+    task: asyncio.Task[None] | None = None
 
 
 class Follower:
@@ -66,27 +83,43 @@ class Follower:
         self._task = asyncio.create_task(self._run(), name="cluster-follower")
 
     async def close(self) -> None:
-        for task in (self._task, self._waking):
+        tasks = [self._task, self._waking, *(f.task for f in self._streams.values())]
+        for task in tasks:
             if task is not None:
                 task.cancel()
-        for task in (self._task, self._waking):
-            if task is not None:
-                await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
         await self.redis.aclose()
 
-    def follow(self, stream: str, target: Target) -> None:
-        self._streams[stream] = _Followed(target)
+    def follow(self, stream: str, job: str, target: Target, active: bool) -> None:
+        """Follow `stream` (job hash `job`); read it now if `active` (a worker started it),
+        else once the notify stream says a worker did."""
+        old = self._streams.get(stream)
+        self._streams[stream] = _Followed(target, job)
+        if old is not None and old.task is not None:
+            old.task.cancel()
+        if active:
+            self.activate(stream)
+
+    def activate(self, stream: str) -> None:
+        followed = self._streams.get(stream)
+        if followed is not None and not followed.active:
+            followed.active = True
+            followed.cursor = PENDING
+            self.wake()
+
+    def unfollow(self, stream: str) -> None:
+        followed = self._streams.pop(stream, None)
+        if followed is not None and followed.task is not None:
+            followed.task.cancel()
+
+    def wake(self) -> None:
+        """The blocked read ends at once (it reads a changed set of streams)."""
         if self._waking is None or self._waking.done():
             self._waking = asyncio.create_task(self._wake())
 
-    def unfollow(self, stream: str) -> None:
-        self._streams.pop(stream, None)
-
     async def _wake(self) -> None:
-        try:
-            await self.redis.xadd(keys.WAKE, {"wake": 1}, maxlen=100, approximate=True)
-        except (*UNREACHABLE, redis.RedisError):
-            pass  # the reader is not blocked then: it is retrying already
+        with contextlib.suppress(*FAILURES):  # then the reader is retrying already
+            await self.redis.xadd(keys.NOTIFY, {"wake": 1}, maxlen=keys.NOTIFY_MAXLEN)
 
     async def _run(self) -> None:
         backoff = BACKOFF_FIRST
@@ -97,7 +130,7 @@ class Follower:
                     await self._back()
                 await self._read()
                 backoff = BACKOFF_FIRST
-            except (*UNREACHABLE, redis.RedisError) as exc:
+            except FAILURES as exc:
                 if not self._outage:
                     log.warning("the job streams cannot be read (%s): retrying", exc)
                 self.reachable = False
@@ -109,71 +142,112 @@ class Follower:
                 await asyncio.sleep(BACKOFF_MOST)
 
     async def _back(self) -> None:
-        """Redis answers again: every job checks its hash; every stream is read from its
-        pending entries (some may have been read and not acknowledged)."""
+        """Redis answers again: one pipelined look at every followed job's hash; a job whose
+        hash is gone or not marked enqueued is told, one at a time; a started one is active;
+        every active stream is read from its pending entries (read, never acknowledged)."""
         if self._outage:
             log.info("Redis answers: checking the %d followed job(s)", len(self._streams))
-        await self._ensure_group(keys.WAKE)
-        for followed in list(self._streams.values()):
-            followed.cursor = PENDING
-        await asyncio.gather(*(f.target.redis_back() for f in list(self._streams.values())))
+        await ensure_group(self.redis, keys.NOTIFY)
+        followed = list(self._streams.items())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, one in followed:
+                pipe.hmget(one.job, ["queue", "enqueued", "attempt"])
+            states = await pipe.execute()
+        for (name, one), (queue, enqueued, attempt) in zip(followed, states, strict=True):
+            if self._streams.get(name) is not one:
+                continue
+            if queue is None or enqueued != b"1":
+                try:
+                    await one.target.redis_back()
+                except Exception:  # one job's trouble must not hold the others up
+                    log.exception("job stream %s: checking it again failed", name)
+                continue
+            await ensure_group(self.redis, name)
+            one.backlog.clear()  # read again from the pending entries
+            one.cursor = PENDING
+            one.active = one.active or bool(attempt)
         self.reachable = True
         self._outage = False
 
-    async def _ensure_group(self, stream: str) -> None:
-        try:
-            await self.redis.xgroup_create(stream, keys.GROUP, id="$", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
     async def _read(self) -> None:
-        wanted = {name: followed.cursor for name, followed in self._streams.items()}
-        wanted[keys.WAKE] = NEW
+        wanted = {
+            name: one.cursor
+            for name, one in self._streams.items()
+            if one.active and len(one.backlog) < BACKLOG
+        }
+        wanted[keys.NOTIFY] = NEW
         try:
             reply = await self.redis.xreadgroup(
                 keys.GROUP, CONSUMER, wanted, count=BATCH, block=BLOCK_MS  # type: ignore[arg-type]
             )
         except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+            if "UNBLOCKED" in str(exc):
+                return  # a finished job's stream deleted under the read: read the others
+            if "NOGROUP" not in str(exc):
                 raise
-            # A stream or its group is gone: most often a finished job's, deleted under the
-            # blocked read; or Redis restarted empty. Each followed job checks its hash.
+            # A stream or its group is gone: Redis restarted empty, most likely.
             self.reachable = False
+            await asyncio.sleep(BACKOFF_FIRST)
             return
         for raw_name, entries in reply or []:
             name = raw_name.decode()
-            if name == keys.WAKE:
-                await self._done(name, [entry_id for entry_id, _ in entries])
+            if name == keys.NOTIFY:
+                await self._notices(entries)
                 continue
             followed = self._streams.get(name)
             if followed is None:
                 continue
-            if followed.cursor == PENDING and not entries:
-                followed.cursor = NEW  # no pending entry left: the new ones from now on
-                continue
-            await self._handle(name, followed, entries)
+            if followed.cursor != NEW:
+                # Pending entries, in id order: go on after the last one; none left: new ones.
+                followed.cursor = entries[-1][0].decode() if entries else NEW
+            followed.backlog.extend(entries)
+            if followed.task is None or followed.task.done():
+                followed.task = asyncio.create_task(self._handle(name, followed))
 
-    async def _handle(
-        self, name: str, followed: _Followed, entries: list[tuple[bytes, dict[bytes, bytes]]]
-    ) -> None:
-        for entry_id, fields in entries:
-            if self._streams.get(name) is not followed:
-                return  # unfollowed meanwhile: its job is finished
-            if fields:  # a pending entry deleted since reads back empty
-                try:
-                    entry = decode(fields)
-                except BadEntry as exc:
-                    log.warning("skipping entry %s of %s: %s", entry_id.decode(), name, exc)
-                else:
-                    try:
-                        await followed.target.entry(entry)
-                    except OSError as exc:
-                        log.warning("%s: entry %s not kept yet (%s)", name, entry_id, exc)
-                        followed.cursor = PENDING  # read again, after a pause
-                        await asyncio.sleep(BACKOFF_MOST)
-                        return
-            await self._done(name, [entry_id])
+    async def _notices(self, entries: list[RawEntry]) -> None:
+        for _, fields in entries:
+            stream = fields.get(b"job")
+            if stream is not None:
+                self.activate(stream.decode())
+        await self._done(keys.NOTIFY, [entry_id for entry_id, _ in entries])
+
+    async def _handle(self, name: str, followed: _Followed) -> None:
+        """The stream's entries read so far, in order (a task per stream)."""
+        throttled = len(followed.backlog) >= BACKLOG
+        while followed.backlog and self._streams.get(name) is followed:
+            entry_id, fields = followed.backlog[0]
+            keep = await self._apply(name, followed, entry_id, fields)
+            if followed.backlog and followed.backlog[0][0] == entry_id:
+                followed.backlog.popleft()
+            if not keep:
+                # Else acknowledged once it is read again (handling it again changes nothing).
+                with contextlib.suppress(*FAILURES):
+                    await self._done(name, [entry_id])
+        if throttled:
+            self.wake()  # it was left out of the read: read it again at once
+
+    async def _apply(
+        self, name: str, followed: _Followed, entry_id: bytes, fields: dict[bytes, bytes]
+    ) -> bool:
+        """The entry's effect; True when it must stay pending (a job's end)."""
+        if not fields:  # a pending entry deleted since reads back empty
+            return False
+        try:
+            entry = decode(fields)
+        except BadEntry as exc:
+            log.warning("skipping entry %s of %s: %s", entry_id.decode(), name, exc)
+            return False
+        while self._streams.get(name) is followed:
+            try:
+                await followed.target.entry(entry)
+                break
+            except OSError as exc:
+                log.warning("%s: entry %s not kept yet (%s)", name, entry_id.decode(), exc)
+                await asyncio.sleep(BACKOFF_MOST)  # then the same entry again
+            except Exception:  # one entry must not stop the job's others, nor other jobs
+                log.exception("%s: entry %s could not be handled", name, entry_id.decode())
+                break
+        return isinstance(entry, End) and entry.outcome != "stopped"
 
     async def _done(self, name: str, ids: list[bytes]) -> None:
         if not ids:

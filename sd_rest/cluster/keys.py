@@ -14,16 +14,18 @@ GROUP: Final = "api"  # the API node's consumer group on every job stream
 CANCEL_CHANNEL: Final = f"{PREFIX}:cancel"  # PUBLISH "<endpoint>:<id>"
 WORKERS: Final = f"{PREFIX}:workers"  # a set of worker ids; each one's record below
 MAX_DEATHS: Final = 3  # deliveries of one job whose worker died before it is FAILED
-# A stream the API node reads with the job streams (group GROUP): an entry added to it ends
-# the blocked read at once, so that a stream followed meanwhile is read without waiting.
-WAKE: Final = f"{PREFIX}:api-wake"
+# A stream the API node reads with the job streams (group GROUP): the fence's START adds
+# `job <stream>` to it when a worker starts a job (the API node reads only the streams of
+# started jobs), and the API node adds `wake 1` to end its own blocked read at once.
+NOTIFY: Final = f"{PREFIX}:api-notify"
+NOTIFY_MAXLEN: Final = 10_000  # about; a notice lost past it is found again at a restart
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def job(endpoint: str, id_: str) -> str:
-    """A job's hash: its queue, `made` (images sent so far), `done` (images the API node has
-    kept), the current `attempt` and its `worker`, `deliveries`, `canceled`, `enqueued`."""
+    """A job's hash: its queue, `made` (images sent so far), the current `attempt` and its
+    `worker`, `deliveries`, `canceled`, `enqueued` and Dramatiq's `message` id."""
     return f"{PREFIX}:job:{endpoint}:{id_}"
 
 

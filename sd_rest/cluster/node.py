@@ -9,7 +9,7 @@ import asyncio
 import logging
 from typing import Final
 
-from sd_rest.cluster.connection import UNREACHABLE, NodeRedis
+from sd_rest.cluster.connection import FAILURES, NodeRedis
 from sd_rest.cluster.follower import Follower
 from sd_rest.cluster.registry import Registry
 
@@ -22,6 +22,7 @@ RETRY_EVERY: Final = 2.0
 class ClusterNode:
     def __init__(self, url: str, heartbeat_timeout: float) -> None:
         self.url = url
+        self.heartbeat_timeout = heartbeat_timeout
         self.redis = NodeRedis(url, heartbeat_timeout)
         self.follower = Follower(url)
         self.registry = Registry(url)
@@ -42,10 +43,11 @@ class ClusterNode:
         await self.redis.close()
 
     async def forget(self, endpoint: str, id_: str) -> None:
-        """Delete a finished job's keys, now or once Redis answers again."""
+        """Delete a finished job's keys (its outcome is durable here), now or later."""
         try:
             await self.redis.forget(endpoint, id_)
-        except UNREACHABLE:
+        except FAILURES as exc:
+            log.info("job %s/%s: its keys are deleted later (%s)", endpoint, id_, exc)
             self._forget_later.add((endpoint, id_))
 
     async def _retry_forgets(self) -> None:
@@ -54,6 +56,9 @@ class ClusterNode:
             for key in list(self._forget_later):
                 try:
                     await self.redis.forget(*key)
-                except UNREACHABLE:
+                except FAILURES:
+                    break
+                except Exception:  # this loop must go on: it is the only one to retry
+                    log.exception("deleting the keys of job %s/%s failed", *key)
                     break
                 self._forget_later.discard(key)

@@ -10,10 +10,8 @@ import json
 import logging
 from typing import Any, Final
 
-import redis
-
 from sd_rest.cluster import keys
-from sd_rest.cluster.connection import UNREACHABLE, client
+from sd_rest.cluster.connection import FAILURES, client
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +22,7 @@ class Registry:
     def __init__(self, url: str) -> None:
         self.redis = client(url)
         self.records: list[dict[str, Any]] = []
-        self.read = False  # a read has succeeded (else nothing is known)
-        self.reachable = False
+        self.reachable = False  # the last read succeeded
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
@@ -42,10 +39,12 @@ class Registry:
         while True:
             try:
                 self.records = await self.refresh()
-                self.read = self.reachable = True
-            except (*UNREACHABLE, redis.RedisError) as exc:
+                self.reachable = True
+            except Exception as exc:  # whatever it is, the loop goes on: GET / reads it
                 if self.reachable:
                     log.warning("the worker hosts cannot be read from Redis: %s", exc)
+                if not isinstance(exc, FAILURES):
+                    log.exception("reading the worker hosts failed")
                 self.reachable = False
                 self.records = []
             self._changed.set()
@@ -72,6 +71,10 @@ class Registry:
             elif value is not None:
                 log.debug("worker %s: a record that is not one of ours", id_)
         return records
+
+    def live(self, host: str, pid: int) -> bool:
+        """Whether the worker process `pid` of `host` is among the live worker hosts."""
+        return any(r.get("host") == host and r.get("pid") == pid for r in self.records)
 
     def serves(self, queue: str) -> bool:
         """Whether a live worker host consumes `queue` (holds the checkpoint it names)."""

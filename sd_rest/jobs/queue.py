@@ -163,6 +163,7 @@ class JobQueue:
             self._waiting = {self.key(j): j for j in jobs}
             index = jobs.index(job)
             self._moved((j, n) for n, j in enumerate(jobs[index:], index + 1))
+
     def remove(self, job: Job) -> bool:
         key = self.key(job)
         if key not in self._waiting:

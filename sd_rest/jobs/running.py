@@ -11,7 +11,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-from sd_rest.runs.seam import Outcome, OutcomeKind, Runner, RunnerFactory
+from sd_rest.runs.seam import Concluding, Outcome, OutcomeKind, Runner, RunnerFactory
 from sd_rest.state import lifecycle
 from sd_rest.state.jobs import ImageRecord, Job, RemoteWorker, Status
 from sd_rest.state.layout import Key
@@ -84,7 +84,7 @@ class RunningJobs:
         key = (job.endpoint, job.id)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            runner = self.runners(job, _JobSink(self.store, job, self._moved))
+            runner = self.runners(job, _JobSink(self.store, job, self.on_moved))
             self._running[key] = (runner, done, job)
             outcome = await runner.run()
         except Exception:
@@ -99,9 +99,14 @@ class RunningJobs:
         finally:
             self._running.pop(key, None)
             done.set_result(None)
+        if outcome.kind is not OutcomeKind.STOPPED and isinstance(runner, Concluding):
+            await self._after(job, runner)
 
-    def _moved(self, job: Job, started: bool) -> None:
-        self.on_moved(job, started)
+    async def _after(self, job: Job, runner: Concluding) -> None:
+        try:
+            await runner.concluded()
+        except Exception:
+            log.exception("job %s/%s: after its outcome", job.endpoint, job.id)
 
     def started(self) -> int:
         """How many of the jobs run here have started (a remote one may still wait)."""

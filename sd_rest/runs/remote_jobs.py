@@ -1,12 +1,14 @@
 """What every remote run of an API node shares (--broker): the cluster node (Redis, the
 stream reader, the live worker hosts), each job's checkpoint as the queues name it, why a job
-waits, and what `GET /` shows of the worker hosts. The runs themselves: remote_runner.py."""
+waits (one loop for every job, at each refresh of the worker hosts), and what `GET /` shows
+of the worker hosts. The runs themselves: remote_runner.py."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sd_rest.cluster import keys
 from sd_rest.cluster.message import Checkpoint
@@ -15,6 +17,15 @@ from sd_rest.cluster.registry import listing
 from sd_rest.endpoints import ENDPOINTS
 from sd_rest.runs.provenance import Provenance, provenance_for
 from sd_rest.settings import Model, Settings
+from sd_rest.state.layout import Key
+
+log = logging.getLogger(__name__)
+
+
+class Watched(Protocol):
+    async def refresh(self) -> None:
+        """The worker hosts were read again: why the job waits, whether its worker lives."""
+        ...
 
 
 class RemoteJobs:
@@ -23,12 +34,31 @@ class RemoteJobs:
         self.settings = settings
         self.node = ClusterNode(settings.broker, settings.heartbeat_timeout)
         self.provenance: Provenance = provenance_for(settings.output, settings.repository)
+        # One hashing per checkpoint file, every job awaiting it (never a thread per job).
+        self._hashing: dict[Path, asyncio.Task[str | None]] = {}
+        self.runs: dict[Key, Watched] = {}
+        self._watcher: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.node.start()
+        self._watcher = asyncio.create_task(self._watch(), name="cluster-waiting")
 
     async def close(self) -> None:
+        tasks = [self._watcher, *self._hashing.values()]
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
         await self.node.close()
+
+    async def _watch(self) -> None:
+        while True:
+            await self.node.registry.changed()
+            for run in list(self.runs.values()):
+                try:
+                    await run.refresh()
+                except Exception:  # the loop serves every job: it goes on
+                    log.exception("a remote job's waiting reason")
 
     async def unavailable(self) -> str | None:
         """Why a job cannot be handed to the worker hosts now (Redis does not answer)."""
@@ -37,8 +67,14 @@ class RemoteJobs:
     async def checkpoint(self, path: Path) -> Checkpoint:
         """The checkpoint a job needs, as its queue names it: by SHA-256 when this node has
         the file (hashed once, cached), else by its file name."""
-        digest = await asyncio.to_thread(self.provenance.sha256_now, path)
-        return Checkpoint(path.name, digest)
+        known = self.provenance.checkpoint_sha256(path)
+        if known is not None:
+            return Checkpoint(path.name, known)
+        task = self._hashing.get(path)
+        if task is None or task.done():
+            task = asyncio.create_task(asyncio.to_thread(self.provenance.sha256_now, path))
+            self._hashing[path] = task
+        return Checkpoint(path.name, await asyncio.shield(task))
 
     def _known(self, path: Path) -> Checkpoint:
         """The checkpoint as far as it is known now, without waiting for its hash."""

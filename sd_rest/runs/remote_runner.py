@@ -2,30 +2,30 @@
 followed there. It enqueues the job (or, after a restart of this node, finds it already in
 Redis and follows it), and turns its stream's entries into the same sink calls a local run
 makes (cluster.md, "The API node reading"): a new attempt starts the job (again), only the
-current attempt's entries count, each image is written here atomically, published, then
-counted as kept in Redis; the end is the outcome. A cancel tells the worker host and answers
-within CANCEL_WAIT; a stop (this node is stopping) leaves Redis alone for the next start."""
+current attempt's entries count, each image is written here atomically and published; the
+end is the outcome. The job's keys in Redis are deleted once that outcome is durable. A
+cancel tells the worker host and answers within CANCEL_WAIT; a stop (this node is stopping)
+leaves Redis alone for the next start."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
+import time
 from pathlib import Path
 from typing import Final
 
 from sd_rest.cluster import keys
 from sd_rest.cluster.connection import FAILURES
-from sd_rest.cluster.entries import End, Entry, Image, Progress, Started
+from sd_rest.cluster.entries import Entry
 from sd_rest.cluster.message import Checkpoint, JobMessage
 from sd_rest.endpoints import ENDPOINTS
-from sd_rest.runs.remote_files import InputsUnreadable, append_log, message_for
+from sd_rest.runs.remote_entries import RemoteEntries
+from sd_rest.runs.remote_files import InputsUnreadable, message_for
 from sd_rest.runs.remote_jobs import RemoteJobs
 from sd_rest.runs.seam import Outcome, OutcomeKind, RunSink
-from sd_rest.settings import Model
-from sd_rest.state.files import write_atomic
-from sd_rest.state.jobs import ImageRecord, Job, RemoteWorker, Status
+from sd_rest.state.jobs import Job, Status
 from sd_rest.state.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 CANCEL_WAIT: Final = 1.5
 RETRY_FIRST: Final = 0.2
 RETRY_MOST: Final = 5.0
-REDIS_FAILURES: Final = FAILURES
 
 
 class RemoteRunner:
@@ -47,11 +46,13 @@ class RemoteRunner:
         self.sink = sink
         self._key = (job.endpoint, job.id)
         self.stream = keys.stream(job.endpoint, job.id)
-        # The attempt whose entries count: kept in the sidecar across restarts of this node.
-        self._attempt = job.worker.attempt if job.worker is not None else None
         self._outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.entries = RemoteEntries(
+            self.redis, store, job, sink, self._settle, self._outcome.done
+        )
         self._checkpoint: Checkpoint | None = None
         self._attached = False  # in Redis and followed
+        self._missing_since: float | None = None  # its worker host gone from the registry
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- control ----------------------------------------------------------------------
@@ -73,8 +74,12 @@ class RemoteRunner:
         deadline = loop.time() + CANCEL_WAIT
         try:
             await asyncio.wait_for(self.redis.cancel(*self._key), CANCEL_WAIT)
-        except REDIS_FAILURES as exc:
+        except FAILURES as exc:
             log.warning("job %s/%s: the cancel could not reach Redis: %s", *self._key, exc)
+        if self.job.status is Status.QUEUED:
+            # No worker has started it (as far as this node knows): a worker that does drops
+            # it (canceled=1) or stops at its first entry.
+            self._settle(Outcome(OutcomeKind.CANCELED))
         with contextlib.suppress(asyncio.TimeoutError):
             # The worker's own end (canceled, or complete if it had just finished) first.
             await asyncio.wait_for(asyncio.shield(self._outcome), deadline - loop.time())
@@ -83,26 +88,28 @@ class RemoteRunner:
     # --- the run ----------------------------------------------------------------------
 
     async def run(self) -> Outcome:
+        self.remote.runs[self._key] = self
         self._tasks.append(asyncio.create_task(self._attach()))
         try:
-            outcome = await self._outcome
+            return await self._outcome
         finally:
+            self.remote.runs.pop(self._key, None)
             self.remote.node.follower.unfollow(self.stream)
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self.job.set_waiting(None)
-        if outcome.kind is not OutcomeKind.STOPPED:
-            await self.remote.node.forget(*self._key)  # nothing in Redis outlives the job
-        return outcome
+
+    async def concluded(self) -> None:
+        """The outcome is durable: nothing in Redis outlives the job (its end included)."""
+        await self.remote.node.forget(*self._key)
 
     async def _attach(self) -> None:
         """Find the job in Redis or enqueue it, then follow its stream; retried with backoff
         while Redis cannot be reached."""
-        model = ENDPOINTS[self.job.endpoint].model
-        # Hashed if this node has the file (a background thread; cached), else named.
+        # Hashed if this node has the file (one background thread; cached), else named.
         self._checkpoint = await self.remote.checkpoint(Path(self.job.checkpoint))
-        self._tasks.append(asyncio.create_task(self._say_why_waiting(model, self._checkpoint)))
+        await self.refresh()  # why it waits, at once
         delay = RETRY_FIRST
         while True:
             try:
@@ -111,137 +118,87 @@ class RemoteRunner:
             except InputsUnreadable as exc:
                 self._settle(Outcome.failed(str(exc)))
                 return
-            except REDIS_FAILURES as exc:
+            except FAILURES as exc:
                 if delay == RETRY_FIRST:
                     log.warning("job %s/%s waits for Redis: %s", *self._key, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MOST)
 
     async def _find_or_enqueue(self) -> None:
+        # Followed first: a worker starting it from now on is noticed.
+        self._follow(active=False)
         state = await self.redis.job(*self._key)
         if state is None:
-            await self._enqueue()
+            await self.redis.create(*self._key, self._queue(), len(self.job.images))
+            self.entries.attempt = None
+            await self.redis.send(self._queue(), await self._message())
             return
         # This node restarted (or Redis came back): the job is there; it is followed, not
         # enqueued again, unless the message may not have reached Dramatiq.
-        await self.redis.ensure_group(self.stream)
         worker = self.job.worker
-        if state.get("worker") and worker is not None and self.job.status is Status.QUEUED:
-            await self.sink.started(None, worker)  # it still runs on the attempt it ran on
-        self._follow()  # after: its entries find the job started
+        async with self.entries.lock:
+            if state.get("worker") and worker and self.job.status is Status.QUEUED:
+                await self.sink.started(None, worker)  # still on the attempt it ran on
+        if state.get("attempt"):
+            self.remote.node.follower.activate(self.stream)  # after: entries find it started
         if state.get("enqueued") != "1":
             await self.redis.send(state.get("queue") or self._queue(), await self._message())
-
-    async def _enqueue(self) -> None:
-        message = await self._message()
-        await self.redis.create(*self._key, self._queue(), len(self.job.images))
-        self._follow()
-        await self.redis.send(self._queue(), message)
 
     def _queue(self) -> str:
         assert self._checkpoint is not None
         return keys.queue_for(self._checkpoint.name, self._checkpoint.sha256)
 
-    def _follow(self) -> None:
+    def _follow(self, active: bool) -> None:
         self._attached = True
-        self.remote.node.follower.follow(self.stream, self)
+        job = keys.job(*self._key)
+        self.remote.node.follower.follow(self.stream, job, self, active)
 
     async def _message(self) -> JobMessage:
         assert self._checkpoint is not None
         return await message_for(self.store, self.job, self._checkpoint)
 
-    async def _say_why_waiting(self, model: Model, checkpoint: Checkpoint) -> None:
-        """While no worker host has started the job: why it waits, when none can take it
-        (looked at again at each refresh of the worker hosts)."""
-        while True:
-            queued = self.job.status is Status.QUEUED
-            self.job.set_waiting(self.remote.waiting(model, checkpoint) if queued else None)
-            await self.remote.node.registry.changed()
+    async def refresh(self) -> None:
+        """The worker hosts were read again (RemoteJobs' loop): why a queued job waits; a
+        started job whose worker host has been gone longer than the heartbeat timeout waits
+        in the queue again (its message is delivered again when a host can take it)."""
+        model, checkpoint = ENDPOINTS[self.job.endpoint].model, self._checkpoint
+        if self.job.status is Status.QUEUED and checkpoint is not None:
+            self.job.set_waiting(self.remote.waiting(model, checkpoint))
+            return
+        registry, worker = self.remote.node.registry, self.entries.worker
+        if self.job.status is not Status.IN_PROGRESS or worker is None or not registry.reachable:
+            self._missing_since = None
+            return
+        if registry.live(worker.host, worker.pid):
+            self._missing_since = None
+            return
+        now = time.monotonic()
+        if self._missing_since is None:
+            self._missing_since = now
+        elif now - self._missing_since > self.remote.node.heartbeat_timeout:
+            log.warning("job %s/%s: its worker host %s is gone", *self._key, worker.host)
+            self._missing_since = None
+            async with self.entries.lock:
+                await self.sink.requeued()
+            if checkpoint is not None:
+                self.job.set_waiting(self.remote.waiting(model, checkpoint))
 
     # --- the stream (called by the follower, in stream order) ---------------------------
 
     async def redis_back(self) -> None:
-        """Redis answers again: a job it lost (restarted without persistence) is enqueued
-        again, resuming at the images kept here."""
+        """Redis answers again and the job's hash is gone (Redis restarted without
+        persistence) or its message may not have been sent: it is enqueued (again),
+        resuming at the images kept here."""
         if self._outcome.done():
             return
-        state = await self.redis.job(*self._key)
-        if state is not None:
-            await self.redis.ensure_group(self.stream)
-            return
-        log.warning("job %s/%s: Redis lost it; enqueued again", *self._key)
-        if self.job.status is Status.IN_PROGRESS:
-            await self.sink.requeued()
-        self._attempt = None
+        if self.job.status is Status.IN_PROGRESS and await self.redis.job(*self._key) is None:
+            log.warning("job %s/%s: Redis lost it; enqueued again", *self._key)
+            async with self.entries.lock:
+                await self.sink.requeued()
         try:
-            await self._enqueue()
+            await self._find_or_enqueue()
         except InputsUnreadable as exc:
             self._settle(Outcome.failed(str(exc)))
 
     async def entry(self, entry: Entry) -> None:
-        if self._outcome.done():
-            return
-        if isinstance(entry, Started):
-            await self._started(entry)
-            return
-        if entry.attempt != self._attempt:
-            # A superseded attempt's late entry; or the end the fence adds under a new
-            # attempt that never started (its worker died too often).
-            if not isinstance(entry, End) or not await self._current(entry.attempt):
-                return
-            self._attempt = entry.attempt
-        if isinstance(entry, Progress):
-            if self.job.status is Status.IN_PROGRESS:
-                self.sink.progress(entry.index, entry.fraction)
-        elif isinstance(entry, Image):
-            await self._image(entry)
-        elif isinstance(entry, End):
-            await self._end(entry)
-
-    async def _current(self, attempt: str) -> bool:
-        state = await self.redis.job(*self._key)
-        return state is not None and state.get("attempt") == attempt
-
-    async def _started(self, entry: Started) -> None:
-        if entry.attempt == self._attempt and self.job.status is Status.IN_PROGRESS:
-            return  # read again (it was not acknowledged)
-        self._attempt = entry.attempt
-        worker = RemoteWorker(entry.worker.host, entry.worker.pid, entry.attempt)
-        await self.sink.started(None, worker)
-
-    async def _image(self, entry: Image) -> None:
-        kept = len(self.job.images)
-        if entry.n <= kept:
-            return  # kept already (a re-read entry, or an attempt that made it again)
-        if entry.n != kept + 1 or self.job.status is not Status.IN_PROGRESS:
-            log.warning(
-                "job %s/%s: image %d skipped: %d kept, status %s",
-                *self._key, entry.n, kept, self.job.status.value,
-            )  # fmt: skip
-            return
-        path = self.store.layout.image(*self._key, entry.n)
-        await asyncio.to_thread(write_atomic, path, entry.png)
-        digest = hashlib.sha256(entry.png).hexdigest()
-        await self.sink.published(ImageRecord(entry.n, entry.seed, entry.position, digest))
-        await self.redis.kept(*self._key, entry.n)
-
-    async def _end(self, entry: End) -> None:
-        if entry.log_tail:
-            await asyncio.to_thread(append_log, self.store, self.job, entry)
-        if entry.outcome == "stopped":  # its worker host is stopping: it is delivered again
-            self._attempt = None
-            await self.sink.requeued()
-            return
-        self._settle(final_outcome(entry, len(self.job.images), self.job.total_images))
-
-
-def final_outcome(entry: End, kept: int, total: int) -> Outcome:
-    """The outcome of a run whose worker host ended it (not `stopped`), with `kept` of the
-    job's `total` images kept here."""
-    if kept >= total:
-        return Outcome(OutcomeKind.COMPLETE)
-    if entry.outcome == "canceled":
-        return Outcome(OutcomeKind.CANCELED)
-    if entry.outcome == "complete":
-        return Outcome.failed(f"its worker host ended with {kept} of {total} images")
-    return Outcome.failed(entry.error or "the job failed on its worker host")
+        await self.entries.entry(entry)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 from sd_rest.state.jobs import ImageRecord, Job, RemoteWorker
 
@@ -70,3 +70,12 @@ class Runner(Protocol):
 
 
 RunnerFactory = Callable[[Job, RunSink], Runner]
+
+
+@runtime_checkable
+class Concluding(Protocol):
+    """A runner with something to do once its job's outcome is durable (the remote runner
+    deletes the job's keys in Redis only then: an API node dying before reads the end
+    again)."""
+
+    async def concluded(self) -> None: ...
