@@ -2,8 +2,9 @@
 runs/seam.py, on the worker host's event loop).
 
 - started: nothing to add: START added the attempt's `started` entry;
-- progress: coalesced (a fast tqdm must not flood Redis): at most one entry per
-  `PROGRESS_EVERY`, but the last value of each image always goes, before the next image's;
+- progress: sent at once (the scripts' tqdm redraws ten times a second at most; a client's
+  progress event must not wait for a timer); while an entry is on its way, a newer value of
+  the same image replaces the one waiting, so a slow Redis gets the latest, not a backlog;
 - published: the image is the run's at once (it stays in the scratch job folder) and its
   entry (number, seed, position, the PNG's bytes read only when sent) goes after the pending
   progress;
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Final
@@ -34,7 +34,6 @@ from sd_rest.state.layout import Layout
 
 log = logging.getLogger(__name__)
 
-PROGRESS_EVERY: Final = 0.1  # seconds between two progress entries, at least (but see above)
 RETRY_FIRST: Final = 0.2  # seconds before retrying an add Redis did not take, then doubled
 RETRY_MOST: Final = 2.0
 
@@ -61,9 +60,6 @@ class FencedSink:
         self._outbox: deque[_Entry] = deque()
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[int] | None = None
-        self._pending: tuple[int, float] | None = None
-        self._last_sent = 0.0
-        self._timer: asyncio.TimerHandle | None = None
 
     # --- RunSink ----------------------------------------------------------------------
 
@@ -71,22 +67,12 @@ class FencedSink:
         return None  # START added this attempt's `started` entry
 
     def progress(self, index: int, fraction: float) -> None:
-        if self._closed:
-            return
-        if self._pending is not None and self._pending[0] != index:
-            self._queue_progress(self._pending)  # the previous image's last value goes first
-            self._pending = None
-        self._pending = (index, fraction)
-        wait = PROGRESS_EVERY - (time.monotonic() - self._last_sent)
-        if wait <= 0:
-            self._send_pending()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(wait, self._send_pending)
+        if not self._closed:
+            self._queue_progress((index, fraction))
 
     async def published(self, record: ImageRecord) -> None:
         if self._closed:
             return
-        self._flush_progress()
         # The run's from now on (its file stays in the scratch folder until it is sent), so
         # the run ends complete even when Redis is away when it does.
         self.job.images = (*self.job.images, record)
@@ -97,7 +83,6 @@ class FencedSink:
     async def end(self, outcome: entries.Outcome, error: str | None, log_tail: bytes) -> int:
         """Queue the run's end after everything else and wait until all is sent (however
         long Redis is away); the fence's answer to the end."""
-        self._flush_progress()
         self.ended = True
         self._wake.set()  # a sender waiting for more sees the end (or that none comes)
         if not self.superseded:
@@ -113,19 +98,7 @@ class FencedSink:
     def _closed(self) -> bool:
         return self.superseded or self.canceled or self.ended
 
-    def _send_pending(self) -> None:
-        self._timer = None
-        if self._pending is not None and not self._closed:
-            value, self._pending = self._pending, None
-            self._queue_progress(value)
-
-    def _flush_progress(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._send_pending()
-
     def _queue_progress(self, value: tuple[int, float]) -> None:
-        self._last_sent = time.monotonic()
         # While entries wait (Redis away), a newer value of the same image replaces the
         # last one waiting: an outage of an hour holds one progress entry, not 36,000.
         last = self._outbox[-1] if len(self._outbox) > 1 else None
