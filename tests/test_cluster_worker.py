@@ -584,3 +584,45 @@ def test_a_host_running_two_jobs_lists_both(own_redis: str, tmp_path: Path) -> N
         assert record is not None and record["state"] == "idle" and record["served"] == 2
     finally:
         worker.end()
+
+
+# --- liveness and held messages: a busy host is neither declared dead nor holding work -----
+
+
+def _text_to_image_only(tmp_path: Path) -> list[str]:
+    """A host holding only the text-to-image checkpoint: it consumes that checkpoint's queues
+    and no other (the job below is enqueued to its `sha-…` one)."""
+    return ["--inpaint-image-model", str(tmp_path / "no-inpaint.ckpt")]
+
+
+def test_a_busy_host_is_not_declared_dead(own_redis: str, tmp_path: Path) -> None:
+    """A job longer than 3x the heartbeat timeout on a host whose only queue is busy, another
+    host live on the same queue (its fetches run Dramatiq's maintenance, which hands a silent
+    host's messages to others): the job is delivered once, whatever fetching the busy host
+    does, because its heartbeat thread records Dramatiq's heartbeat too."""
+    import redis
+
+    client = redis.Redis.from_url(own_redis)
+    hosts = [
+        WorkerHost(own_redis, tmp_path / name,
+                   ["--heartbeat-timeout", "2", *_text_to_image_only(tmp_path)], SLOW)
+        for name in ("a", "b")
+    ]  # fmt: skip
+    message = job_message("text-to-image", {**TEXT_TO_IMAGE, "iterations": 20})  # ~8 s
+    try:
+        for worker in hosts:
+            worker.start(client)
+            record = worker.record(client)
+            assert record is not None and [m["model"] for m in record["models"]] == [
+                "text-to-image"
+            ]
+        submit(client, own_redis, message)
+        found = wait_end(client, message, timeout=90)
+    finally:
+        for worker in hosts:
+            worker.end()
+    assert client.hget(keys.job(message.endpoint, message.id), "deliveries") == b"1"
+    assert sum(isinstance(e, entries.Started) for e in found) == 1
+    end = found[-1]
+    assert isinstance(end, entries.End) and end.outcome == "complete", found
+    assert [e.n for e in found if isinstance(e, entries.Image)] == list(range(1, 21))

@@ -1,7 +1,15 @@
 """The worker host's record in the registry (cluster.md): a JSON string at keys.worker(id),
 set with an expiry of the heartbeat timeout and refreshed well within it by a thread of its
 own, its id in keys.WORKERS; deleted on a clean exit. The API node lists the live ones in
-`GET /` and prunes the ids whose record expired (a host that died)."""
+`GET /` and prunes the ids whose record expired (a host that died).
+
+The same thread keeps the host alive for Dramatiq: its Redis broker counts a host as alive
+while the host's broker id in `<namespace>:__heartbeats__` is fresher than the heartbeat
+timeout, and records it only when one of the host's consumers talks to Redis (dispatch.lua).
+A host whose consumers all stopped fetching (busy on every queue it holds) would
+look dead after the timeout, and its live job would be handed to another host. So the
+heartbeat here writes that entry as well, the same ZADD as Dramatiq's: a host is alive for
+as long as its process is, whatever its consumers do."""
 
 from __future__ import annotations
 
@@ -21,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MOST_APART: Final = 2.0  # seconds between two refreshes, at most
+# Dramatiq's sorted set of its hosts' last heartbeats (dramatiq/brokers/redis/dispatch.lua).
+DRAMATIQ_HEARTBEATS: Final = f"{keys.DRAMATIQ_NAMESPACE}:__heartbeats__"
 
 
 def refresh_every(heartbeat_timeout: float) -> float:
@@ -62,9 +72,11 @@ class Heartbeat:
         worker_id: str,
         heartbeat_timeout: float,
         describe: Callable[[], dict[str, Any]],
+        dramatiq_id: str,
     ) -> None:
         self.client = client
         self.worker_id = worker_id
+        self.dramatiq_id = dramatiq_id  # the broker's broker_id: the member Dramatiq watches
         self.timeout_ms = int(heartbeat_timeout * 1000)
         self.every = refresh_every(heartbeat_timeout)
         self.describe = describe
@@ -81,6 +93,8 @@ class Heartbeat:
 
         try:
             pipe = self.client.pipeline()
+            # Dramatiq's clock is the client's, in ms (RedisBroker._dispatch): the same here.
+            pipe.zadd(DRAMATIQ_HEARTBEATS, {self.dramatiq_id: int(time.time() * 1000)})
             pipe.set(keys.worker(self.worker_id), json.dumps(self.describe()), px=self.timeout_ms)
             pipe.sadd(keys.WORKERS, self.worker_id)
             pipe.execute()

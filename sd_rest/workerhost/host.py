@@ -81,7 +81,8 @@ class WorkerHost:
         )  # fmt: skip
         self.cancels = CancelListener(self.client, self._cancel)
         self.heartbeat = heartbeat.Heartbeat(
-            self.client, config.ref.worker_id, config.heartbeat_timeout, self.describe
+            self.client, config.ref.worker_id, config.heartbeat_timeout, self.describe,
+            self.broker.broker_id,
         )
         self._stop = threading.Event()
 
