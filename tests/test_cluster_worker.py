@@ -626,3 +626,49 @@ def test_a_busy_host_is_not_declared_dead(own_redis: str, tmp_path: Path) -> Non
     end = found[-1]
     assert isinstance(end, entries.End) and end.outcome == "complete", found
     assert [e.n for e in found if isinstance(e, entries.Image)] == list(range(1, 21))
+
+
+def _images(client: Any, message: JobMessage) -> int:
+    found = stream_entries(client, message.endpoint, message.id)
+    return sum(isinstance(e, entries.Image) for e in found)
+
+
+def test_a_busy_host_holds_no_other_job(own_redis: str, tmp_path: Path) -> None:
+    """--concurrency 1, busy with a text-to-image job: the inpaint job sent meanwhile stays in
+    its queue (the busy host's inpaint consumer does not fetch it to hold it), and a host
+    started then runs it at once, while the first job is still running."""
+    import redis
+
+    client = redis.Redis.from_url(own_redis)
+    first = WorkerHost(own_redis, tmp_path / "a", ["--heartbeat-timeout", "2"], SLOW)
+    second = WorkerHost(own_redis, tmp_path / "b", ["--heartbeat-timeout", "2"], SLOW)
+    fields = {**TEXT_TO_IMAGE, "iterations": 30, "batchSize": 2}  # ~24 s
+    long_one = job_message("text-to-image", fields)
+    inputs = ENDPOINTS["inpaint-image"].prepare_inputs(
+        {"image": png_bytes(256, 256), "mask": mask_bytes(256, 256)}
+    )
+    other = job_message("inpaint-image", {"steps": 8}, inputs)
+    other_queue = keys.queue_for(other.checkpoint.name, other.checkpoint.sha256)
+    try:
+        first.start(client)
+        submit(client, own_redis, long_one)
+        wait_until(lambda: _images(client, long_one) >= 1, "the long job's first image")
+        submit(client, own_redis, other)
+        # A few images more of the long job: time enough for an idle consumer to fetch.
+        made = _images(client, long_one)
+        wait_until(lambda: _images(client, long_one) >= made + 3, "three more images")
+        assert queue_length(client, other_queue) == 1, first.log()
+        second.start(client)
+        found = wait_end(client, other, timeout=60)
+        assert not any(
+            isinstance(e, entries.End) for e in stream_entries(client, "text-to-image", long_one.id)
+        ), "the inpaint job waited for the first host"
+    finally:
+        client.hset(keys.job(long_one.endpoint, long_one.id), "canceled", "1")
+        client.publish(keys.CANCEL_CHANNEL, f"{long_one.endpoint}:{long_one.id}")
+        for worker in (first, second):
+            worker.end()
+    started = found[0]
+    assert isinstance(started, entries.Started)
+    assert second.process is not None and started.worker.pid == second.process.pid
+    assert isinstance(found[-1], entries.End) and found[-1].outcome == "complete"

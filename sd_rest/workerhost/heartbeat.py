@@ -6,7 +6,7 @@ own, its id in keys.WORKERS; deleted on a clean exit. The API node lists the liv
 The same thread keeps the host alive for Dramatiq: its Redis broker counts a host as alive
 while the host's broker id in `<namespace>:__heartbeats__` is fresher than the heartbeat
 timeout, and records it only when one of the host's consumers talks to Redis (dispatch.lua).
-A host whose consumers all stopped fetching (busy on every queue it holds) would
+A host whose consumers all stopped fetching (a full host: capacity.py) would
 look dead after the timeout, and its live job would be handed to another host. So the
 heartbeat here writes that entry as well, the same ZADD as Dramatiq's: a host is alive for
 as long as its process is, whatever its consumers do."""

@@ -26,7 +26,7 @@ from sd_rest.settings import Settings
 from sd_rest.state.events import JobEvents
 from sd_rest.state.layout import Layout
 from sd_rest.state.store import JobStore
-from sd_rest.workerhost import heartbeat
+from sd_rest.workerhost import capacity, heartbeat
 from sd_rest.workerhost.cancels import CancelListener
 from sd_rest.workerhost.deliveries import Deliveries
 from sd_rest.workerhost.localjobs import LocalJobs
@@ -64,8 +64,10 @@ class WorkerHost:
         self.worker = dramatiq.Worker(
             self.broker, queues=set(queues), worker_threads=settings.concurrency
         )
-        # Prefetch no more than it runs: a message waiting here is one another host could run.
+        # Fetch no more than it runs, over all its queues together (capacity.py): a message
+        # waiting here is one another host could run.
         self.worker.queue_prefetch = settings.concurrency
+        capacity.gate(self.broker, capacity.Slots(settings.concurrency))
         self.client = redis.Redis.from_url(config.broker_url)
         self.loop = asyncio.new_event_loop()
         # A daemon: a start that fails later must not leave the process waiting on it.
