@@ -419,8 +419,9 @@ def test_a_run_cut_off_from_redis_is_reported_once_redis_is_back(
     assert list((worker.folder / str(worker.process.pid)).rglob("*.png")) == []  # type: ignore[union-attr]
     said = worker.log()
     assert said.count("Redis cannot be reached") == 1 and said.count("Redis answers again") == 1
-    # Redis away for seconds: each repeating complaint once, not every second per thread.
-    assert said.count("Consumer encountered a connection error") == 1, said
+    # Redis away for seconds: each repeating complaint once at most, not every second per
+    # thread (a full host's consumers do not fetch: they may not meet the outage at all).
+    assert said.count("Consumer encountered a connection error") <= 1, said
     assert said.count("Restarting consumer") <= 1, said
     assert said.count("listening for cancels") <= 1, said
 
