@@ -673,3 +673,74 @@ def test_a_busy_host_holds_no_other_job(own_redis: str, tmp_path: Path) -> None:
     assert isinstance(started, entries.Started)
     assert second.process is not None and started.worker.pid == second.process.pid
     assert isinstance(found[-1], entries.End) and found[-1].outcome == "complete"
+
+
+# --- the host's own threads go on whatever fails ------------------------------------------
+
+
+def test_the_heartbeat_goes_on_when_the_record_cannot_be_encoded(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record json cannot encode (bytes where text belongs) on the 2nd and 3rd beats: the
+    failure is logged once with its traceback, Dramatiq's heartbeat is written all the same,
+    the last record stays listed, and the beats go on."""
+    import logging
+
+    import redis
+
+    from sd_rest.workerhost import heartbeat
+
+    caplog.set_level(logging.INFO)
+    client = redis.Redis.from_url(redis_url)
+    beats: list[float | None] = []  # Dramatiq's heartbeat as each record is made
+
+    def describe() -> dict[str, Any]:
+        beats.append(client.zscore(heartbeat.DRAMATIQ_HEARTBEATS, "dramatiq-1"))
+        models = [{"sha256": b"\x00"}] if len(beats) in (2, 3) else []
+        return heartbeat.record("w-1", "h", 1, [], models, len(beats), 1, "process")
+
+    beat = heartbeat.Heartbeat(client, "w-1", 1.0, describe, "dramatiq-1")
+    beat.start()
+    try:
+        wait_until(lambda: len(beats) >= 6, "the beats after the failures")
+        raw = client.get(keys.worker("w-1"))
+    finally:
+        beat.stop()
+    assert raw is not None and json.loads(raw)["served"] >= 4
+    scores = [score for score in beats[1:6] if score is not None]
+    assert len(scores) == 5 and scores == sorted(set(scores))  # written at every beat
+    failures = [r for r in caplog.records if "could not be written" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    assert failures[0].exc_info[0] is TypeError
+    assert "the registry record is written again" in caplog.text
+
+
+def test_the_cancel_listener_goes_on_after_a_failed_cancel(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cancel whose handling fails (here the first one) is logged with its traceback; the
+    next cancels still arrive."""
+    import redis
+
+    from sd_rest.workerhost.cancels import CancelListener
+
+    client = redis.Redis.from_url(redis_url)
+    received: list[tuple[str, str]] = []
+
+    def on_cancel(endpoint: str, job_id: str) -> None:
+        received.append((endpoint, job_id))
+        if job_id == "first":
+            raise RuntimeError("the loop is closed")
+
+    listener = CancelListener(client, on_cancel)
+    listener.start()
+    try:
+        client.publish(keys.CANCEL_CHANNEL, "text-to-image:first")
+        wait_until(lambda: received, "the first cancel")
+        client.publish(keys.CANCEL_CHANNEL, "text-to-image:second")
+        wait_until(lambda: len(received) == 2, "the second cancel", timeout=5)
+    finally:
+        listener.stop()
+    assert received == [("text-to-image", "first"), ("text-to-image", "second")]
+    failed = [r for r in caplog.records if r.exc_info is not None]
+    assert len(failed) == 1 and "text-to-image/first" in failed[0].getMessage()

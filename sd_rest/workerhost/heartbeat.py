@@ -82,30 +82,51 @@ class Heartbeat:
         self.describe = describe
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="registry", daemon=True)
-        self._failing = False
+        self._failing: str | None = None  # "redis" or "bug" while refreshes fail
 
     def start(self) -> None:
         self.beat()  # listed before the first job can come
         self._thread.start()
 
     def beat(self) -> None:
+        """One refresh. Never raises: Redis away is said once per outage; anything else (a
+        bug) with its traceback, once until a refresh succeeds again, and the beats go on."""
         from redis.exceptions import RedisError
 
         try:
-            pipe = self.client.pipeline()
-            # Dramatiq's clock is the client's, in ms (RedisBroker._dispatch): the same here.
-            pipe.zadd(DRAMATIQ_HEARTBEATS, {self.dramatiq_id: int(time.time() * 1000)})
-            pipe.set(keys.worker(self.worker_id), json.dumps(self.describe()), px=self.timeout_ms)
-            pipe.sadd(keys.WORKERS, self.worker_id)
-            pipe.execute()
+            self._write()
         except (RedisError, OSError) as exc:
-            if not self._failing:  # once per outage
+            if self._failing is None:
                 log.warning("the registry record could not be written: %s", exc)
-            self._failing = True
+            self._failing = "redis"
             return
-        if self._failing:
+        except Exception:
+            if self._failing != "bug":
+                log.exception("the registry record could not be written; trying again")
+            self._failing = "bug"
+            return
+        if self._failing is not None:
             log.info("the registry record is written again")
-        self._failing = False
+        self._failing = None
+
+    def _write(self) -> None:
+        """Dramatiq's heartbeat (the host's liveness) and the record. A record that cannot be
+        made (a bug) neither holds the heartbeat up nor takes the host off the list: the last
+        record is kept alive, and the failure raised once both are written."""
+        key = keys.worker(self.worker_id)
+        pipe = self.client.pipeline()
+        # Dramatiq's clock is the client's, in ms (RedisBroker._dispatch): the same here.
+        pipe.zadd(DRAMATIQ_HEARTBEATS, {self.dramatiq_id: int(time.time() * 1000)})
+        failure: Exception | None = None
+        try:
+            pipe.set(key, json.dumps(self.describe()), px=self.timeout_ms)
+        except Exception as exc:
+            failure = exc
+            pipe.pexpire(key, self.timeout_ms)
+        pipe.sadd(keys.WORKERS, self.worker_id)
+        pipe.execute()
+        if failure is not None:
+            raise failure
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every):
