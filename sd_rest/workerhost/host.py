@@ -2,10 +2,10 @@
 one asyncio loop thread hosting the local runners on a scratch JobStore, the cancel listener
 and the registry's heartbeat; and the graceful stop on SIGTERM or SIGINT.
 
-The stop: no message is taken any more, every run is interrupted (runner.stop), each adds
-`end stopped` through the fence and sends its message again at once (another host, or this
-one restarted, resumes it from the images already made), the registry record is deleted,
-the scratch folder cleared; exit 0.
+The stop (a second signal exits at once: stopping.py): no message is taken any more, every
+run is interrupted (runner.stop), each adds `end stopped` through the fence and sends its
+message again at once (another host, or this one restarted, resumes it from the images
+already made), the registry record is deleted, the scratch folder cleared; exit 0.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import signal
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +85,6 @@ class WorkerHost:
             self.client, config.ref.worker_id, config.heartbeat_timeout, self.describe,
             self.broker.broker_id,
         )
-        self._stop = threading.Event()
 
     def _on_loop(self, coroutine: Any) -> Any:
         if not self._loop_thread.is_alive():
@@ -102,22 +100,22 @@ class WorkerHost:
 
     # --- running ----------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Serve until SIGTERM or SIGINT, then stop gracefully (see the module's docstring)."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
-        self.heartbeat.start()
-        self.cancels.start()
-        self.worker.start()
-        ref, settings = self.config.ref, self.config.settings
-        log.info(
-            "worker %s (pid %d) taking jobs from %s: %s; runner %s, concurrency %d",
-            ref.worker_id, ref.pid, ", ".join(queues_of(self.config.models)),
-            ", ".join(f"{m.model.value} {m.name}" for m in self.config.models),
-            settings.runner, settings.concurrency,
-        )  # fmt: skip
-        while not self._stop.wait(1.0):
-            pass
+    def run(self, requested: threading.Event) -> None:
+        """Serve until `requested` (SIGTERM or SIGINT: stopping.py), then stop gracefully
+        (see the module's docstring). Requested while the host was made: no job is taken."""
+        if not requested.is_set():
+            self.heartbeat.start()
+            self.cancels.start()
+            self.worker.start()
+            ref, settings = self.config.ref, self.config.settings
+            log.info(
+                "worker %s (pid %d) taking jobs from %s: %s; runner %s, concurrency %d",
+                ref.worker_id, ref.pid, ", ".join(queues_of(self.config.models)),
+                ", ".join(f"{m.model.value} {m.name}" for m in self.config.models),
+                settings.runner, settings.concurrency,
+            )  # fmt: skip
+            while not requested.wait(1.0):
+                pass
         self.stop()
 
     def stop(self) -> None:
