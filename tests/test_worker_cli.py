@@ -248,3 +248,36 @@ def test_a_second_sigint_while_stopping_exits_at_once(tmp_path: Path, redis_url:
     assert last == [said[-1]] and "Traceback" not in host.log()
     assert last[0].startswith("stable-diffusion-rest-api worker: SIGINT again while stopping")
     wait_gone(pids)
+
+
+def test_worker_max_jobs_and_worker_idle_reach_the_resident_workers(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """--worker-max-jobs 1: each job runs in a resident worker of its own (the script's pid
+    changes); --worker-idle 1: once idle, the last one leaves (none is left on the host)."""
+    import redis
+
+    from clusterjobs import TEXT_TO_IMAGE, job_message, submit, wait_end
+    from helpers import script_pids, wait_until
+
+    client = redis.Redis.from_url(redis_url)
+    argv_log = tmp_path / "argv.jsonl"
+    host = _started(
+        tmp_path, redis_url, "--worker-max-jobs", "1", "--worker-idle", "1",
+        env={"SD_SIM_ARGV_LOG": str(argv_log)},
+    )  # fmt: skip
+    host.start(client)
+    try:
+        ran = []
+        for _ in range(2):
+            message = job_message("text-to-image", TEXT_TO_IMAGE)
+            submit(client, redis_url, message)
+            wait_end(client, message)
+            ran += script_pids(argv_log, f"/x/{message.id}")
+        assert len(ran) == 2 and ran[0] != ran[1], host.log()
+        assert host.process is not None
+        pid = host.process.pid
+        wait_until(lambda: not _children(pid), "the idle resident worker to leave", 30)
+    finally:
+        host.end()
+    assert "it has served 1 jobs" in host.log()
