@@ -3,7 +3,9 @@ start (never a traceback), and --check. Real processes against a real redis-serv
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +143,141 @@ def test_the_scratch_folder_is_cleared_and_dead_ones_removed(tmp_path: Path) -> 
     assert not (tmp_path / str(gone.pid)).exists()  # its process is gone
     assert (tmp_path / str(os.getpid()) / "left.png").exists()  # a live process's
     assert (tmp_path / "notes" / "left.png").exists()  # not a scratch folder
+
+
+# --- signals: at every stage of a start, and twice ---------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _started(tmp_path: Path, redis_url: str, *args: str, env: dict[str, str] | None = None):
+    from clusterjobs import WorkerHost
+
+    return WorkerHost(redis_url, tmp_path / "dir", list(args), env or {})
+
+
+def test_sigterm_while_hashing_the_checkpoints_stops_cleanly(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A first start reads a big checkpoint to hash it: SIGTERM then stops the start, in a
+    line, exit 0, the scratch folder gone, no traceback."""
+    from helpers import wait_until
+
+    big = tmp_path / "big.ckpt"
+    with open(big, "wb") as file:
+        file.truncate(16 * 1024**3)  # sparse: 16 GB to read, none to store
+    host = _started(tmp_path, redis_url, "--text-to-image-model", str(big))
+    host.start()
+    try:
+        wait_until(lambda: "hashing" in host.log() or host._exited(), "the hashing to start")
+        assert host.stop(signal.SIGTERM) == 0, host.log()
+    finally:
+        host.end()
+    said = host.log()
+    assert "stopped by SIGTERM before taking any job" in said and "Traceback" not in said
+    assert host.process is not None
+    assert not (tmp_path / "dir" / str(host.process.pid)).exists()
+
+
+def test_sigterm_while_the_resident_worker_warms_up(tmp_path: Path, redis_url: str) -> None:
+    """The host serves while its resident worker loads the model (60 s here): SIGTERM stops
+    it cleanly, the warming worker with it, the record deleted."""
+    import redis
+
+    from helpers import wait_gone
+
+    client = redis.Redis.from_url(redis_url)
+    host = _started(tmp_path, redis_url, env={"SD_SIM_LOAD_SECONDS": "60"})
+    host.start(client)
+    try:
+        assert host.process is not None
+        warming = _children(host.process.pid)
+        assert warming, host.log()
+        assert host.stop(signal.SIGTERM) == 0, host.log()
+    finally:
+        host.end()
+    wait_gone(warming)
+    assert host.record(client) is None and "Traceback" not in host.log()
+
+
+def test_a_second_sigint_while_stopping_exits_at_once(tmp_path: Path, redis_url: str) -> None:
+    """The stop waits for a script that cannot end (stopped, here): a second SIGINT exits at
+    once, with one line, status 130; the script goes with the host (its pty closes)."""
+    import redis
+
+    from clusterjobs import TEXT_TO_IMAGE, job_message, submit
+    from helpers import script_pids, wait_gone, wait_until
+
+    client = redis.Redis.from_url(redis_url)
+    argv_log = tmp_path / "argv.jsonl"
+    host = _started(
+        tmp_path, redis_url, "--runner", "process",
+        env={"SD_SIM_STEP_SECONDS": "0.05", "SD_SIM_ARGV_LOG": str(argv_log)},
+    )  # fmt: skip
+    host.start(client)
+    message = job_message("text-to-image", {**TEXT_TO_IMAGE, "iterations": 20})
+    pids: list[int] = []
+    try:
+        submit(client, redis_url, message)
+        pids = wait_until(lambda: script_pids(argv_log, f"/x/{message.id}"), "the script")
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)  # it cannot end when asked
+        assert host.process is not None
+        host.process.send_signal(signal.SIGINT)
+        wait_until(lambda: "stopping: the running jobs" in host.log(), "the stop to begin")
+        host.process.send_signal(signal.SIGINT)
+        assert host.process.wait(10) == 130
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        host.end()
+    said = host.log().splitlines()
+    last = [line for line in said if "again while stopping" in line]
+    assert last == [said[-1]] and "Traceback" not in host.log()
+    assert last[0].startswith("stable-diffusion-rest-api worker: SIGINT again while stopping")
+    wait_gone(pids)
+
+
+def test_worker_max_jobs_and_worker_idle_reach_the_resident_workers(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """--worker-max-jobs 1: each job runs in a resident worker of its own (the script's pid
+    changes); --worker-idle 1: once idle, the last one leaves (none is left on the host)."""
+    import redis
+
+    from clusterjobs import TEXT_TO_IMAGE, job_message, submit, wait_end
+    from helpers import script_pids, wait_until
+
+    client = redis.Redis.from_url(redis_url)
+    argv_log = tmp_path / "argv.jsonl"
+    host = _started(
+        tmp_path, redis_url, "--worker-max-jobs", "1", "--worker-idle", "1",
+        env={"SD_SIM_ARGV_LOG": str(argv_log)},
+    )  # fmt: skip
+    host.start(client)
+    try:
+        ran = []
+        for _ in range(2):
+            message = job_message("text-to-image", TEXT_TO_IMAGE)
+            submit(client, redis_url, message)
+            wait_end(client, message)
+            ran += script_pids(argv_log, f"/x/{message.id}")
+        assert len(ran) == 2 and ran[0] != ran[1], host.log()
+        assert host.process is not None
+        pid = host.process.pid
+        wait_until(lambda: not _children(pid), "the idle resident worker to leave", 30)
+    finally:
+        host.end()
+    assert "it has served 1 jobs" in host.log()

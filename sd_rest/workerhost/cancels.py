@@ -43,24 +43,51 @@ class CancelListener:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(LISTEN_TIMEOUT * 4)
+        if self._thread.is_alive():
+            self._thread.join(LISTEN_TIMEOUT * 4)
 
     def _listen(self) -> None:
+        """Until `stop`, whatever fails: Redis away is said once a minute at most (quiet.py),
+        anything else (a bug) with its traceback, and listening goes on."""
         from redis.exceptions import RedisError
 
         while not self._stop.is_set():
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            except Exception:
+                log.exception("the cancel listener failed; it listens again in a moment")
+                time.sleep(RECONNECT_AFTER)
+                continue
             try:
                 pubsub.subscribe(keys.CANCEL_CHANNEL)
                 self._subscribed.set()
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=LISTEN_TIMEOUT)
                     if message is not None and message.get("type") == "message":
-                        key = parse(message["data"])
-                        if key is not None:
-                            self.on_cancel(*key)
+                        self._deliver(message["data"])
             except (RedisError, OSError) as exc:
                 log.warning("listening for cancels: %s; again in %.0f s", exc, RECONNECT_AFTER)
                 time.sleep(RECONNECT_AFTER)
+            except Exception:
+                log.exception("the cancel listener failed; it listens again in a moment")
+                time.sleep(RECONNECT_AFTER)
             finally:
-                pubsub.close()
+                _close(pubsub)
+
+    def _deliver(self, data: bytes | str) -> None:
+        """One cancel to its run; a failure is this cancel's alone (the next ones still come,
+        and the canceled run learns it at its next add through the fence anyway)."""
+        key = parse(data)
+        if key is None:
+            return
+        try:
+            self.on_cancel(*key)
+        except Exception:
+            log.exception("the cancel of job %s/%s failed", *key)
+
+
+def _close(pubsub: redis.client.PubSub) -> None:
+    try:
+        pubsub.close()
+    except Exception:
+        log.exception("closing the cancels' subscription failed")

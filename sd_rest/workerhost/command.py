@@ -29,6 +29,7 @@ from sd_rest.setup import check as setup_checks
 from sd_rest.setup.demo import SIMULATOR, demo_checkpoint
 from sd_rest.workerhost import checks, quiet
 from sd_rest.workerhost.folders import WORKER_DIR_ENV, scratch_folder, worker_dir
+from sd_rest.workerhost.stopping import Signals, StopRequested
 
 log = logging.getLogger("sd_rest")
 
@@ -128,6 +129,35 @@ def worker(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     quiet.install()
+    # Before the slow steps (reaching Redis, hashing the checkpoints): a SIGTERM there stops
+    # the start cleanly, not the process halfway.
+    signals = Signals(PROG)
+    signals.install()
+    try:
+        _start(signals, broker, repository, python, text_to_image_model, inpaint_image_model,
+               runner, worker_max_jobs, worker_idle, worker_timeout, warm_start, concurrency,
+               heartbeat_timeout, demo, check_only)  # fmt: skip
+    except StopRequested as stop:
+        log.info("stopped by %s before taking any job", stop.signame)
+
+
+def _start(
+    signals: Signals,
+    broker: str | None,
+    repository: str | None,
+    python: str | None,
+    text_to_image_model: str,
+    inpaint_image_model: str,
+    runner: str,
+    worker_max_jobs: int,
+    worker_idle: float,
+    worker_timeout: float,
+    warm_start: bool,
+    concurrency: int,
+    heartbeat_timeout: float,
+    demo: bool,
+    check_only: bool,
+) -> None:
     url = _broker_url(broker)
     ctx = click.get_current_context()
     if demo:
@@ -172,19 +202,23 @@ def worker(
         warm_start=warm_start,
     )
     try:
-        _serve(url, heartbeat_timeout, settings)
+        _serve(signals, url, heartbeat_timeout, settings)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _serve(url: str, heartbeat_timeout: float, settings: Settings) -> None:
+def _serve(signals: Signals, url: str, heartbeat_timeout: float, settings: Settings) -> None:
     from sd_rest.runs.provenance import provenance_for
     from sd_rest.workerhost.host import HostConfig, WorkerHost
     from sd_rest.workerhost.models import held_models
 
     cache = worker_dir() / "checkpoints.json"
     provenance = provenance_for(settings.output, settings.repository, cache_file=cache)
-    models, missing = held_models(settings, provenance)
+    try:
+        models, missing = held_models(settings, provenance)
+    except StopRequested:
+        provenance.close()  # the hashing thread stops at its next chunk
+        raise
     for line in missing:
         log.warning("%s", line)
     if not models:
@@ -193,7 +227,8 @@ def _serve(url: str, heartbeat_timeout: float, settings: Settings) -> None:
     pid = os.getpid()
     ref = WorkerRef(host, pid, f"{host}-{pid}-{secrets.token_hex(4)}")
     log.info("broker %s", redact(url))
-    WorkerHost(HostConfig(url, heartbeat_timeout, settings, models, ref)).run()
+    signals.keep()  # the host's threads and warm-up start now: not to be cut halfway
+    WorkerHost(HostConfig(url, heartbeat_timeout, settings, models, ref)).run(signals.requested)
 
 
 def _broker_url(given: str | None) -> str:

@@ -2,10 +2,10 @@
 one asyncio loop thread hosting the local runners on a scratch JobStore, the cancel listener
 and the registry's heartbeat; and the graceful stop on SIGTERM or SIGINT.
 
-The stop: no message is taken any more, every run is interrupted (runner.stop), each adds
-`end stopped` through the fence and sends its message again at once (another host, or this
-one restarted, resumes it from the images already made), the registry record is deleted,
-the scratch folder cleared; exit 0.
+The stop (a second signal exits at once: stopping.py): no message is taken any more, every
+run is interrupted (runner.stop), each adds `end stopped` through the fence and sends its
+message again at once (another host, or this one restarted, resumes it from the images
+already made), the registry record is deleted, the scratch folder cleared; exit 0.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import signal
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from sd_rest.settings import Settings
 from sd_rest.state.events import JobEvents
 from sd_rest.state.layout import Layout
 from sd_rest.state.store import JobStore
-from sd_rest.workerhost import heartbeat
+from sd_rest.workerhost import capacity, heartbeat
 from sd_rest.workerhost.cancels import CancelListener
 from sd_rest.workerhost.deliveries import Deliveries
 from sd_rest.workerhost.localjobs import LocalJobs
@@ -64,8 +63,10 @@ class WorkerHost:
         self.worker = dramatiq.Worker(
             self.broker, queues=set(queues), worker_threads=settings.concurrency
         )
-        # Prefetch no more than it runs: a message waiting here is one another host could run.
+        # Fetch no more than it runs, over all its queues together (capacity.py): a message
+        # waiting here is one another host could run.
         self.worker.queue_prefetch = settings.concurrency
+        capacity.gate(self.broker, capacity.Slots(settings.concurrency))
         self.client = redis.Redis.from_url(config.broker_url)
         self.loop = asyncio.new_event_loop()
         # A daemon: a start that fails later must not leave the process waiting on it.
@@ -81,9 +82,9 @@ class WorkerHost:
         )  # fmt: skip
         self.cancels = CancelListener(self.client, self._cancel)
         self.heartbeat = heartbeat.Heartbeat(
-            self.client, config.ref.worker_id, config.heartbeat_timeout, self.describe
+            self.client, config.ref.worker_id, config.heartbeat_timeout, self.describe,
+            self.broker.broker_id,
         )
-        self._stop = threading.Event()
 
     def _on_loop(self, coroutine: Any) -> Any:
         if not self._loop_thread.is_alive():
@@ -99,22 +100,22 @@ class WorkerHost:
 
     # --- running ----------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Serve until SIGTERM or SIGINT, then stop gracefully (see the module's docstring)."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
-        self.heartbeat.start()
-        self.cancels.start()
-        self.worker.start()
-        ref, settings = self.config.ref, self.config.settings
-        log.info(
-            "worker %s (pid %d) taking jobs from %s: %s; runner %s, concurrency %d",
-            ref.worker_id, ref.pid, ", ".join(queues_of(self.config.models)),
-            ", ".join(f"{m.model.value} {m.name}" for m in self.config.models),
-            settings.runner, settings.concurrency,
-        )  # fmt: skip
-        while not self._stop.wait(1.0):
-            pass
+    def run(self, requested: threading.Event) -> None:
+        """Serve until `requested` (SIGTERM or SIGINT: stopping.py), then stop gracefully
+        (see the module's docstring). Requested while the host was made: no job is taken."""
+        if not requested.is_set():
+            self.heartbeat.start()
+            self.cancels.start()
+            self.worker.start()
+            ref, settings = self.config.ref, self.config.settings
+            log.info(
+                "worker %s (pid %d) taking jobs from %s: %s; runner %s, concurrency %d",
+                ref.worker_id, ref.pid, ", ".join(queues_of(self.config.models)),
+                ", ".join(f"{m.model.value} {m.name}" for m in self.config.models),
+                settings.runner, settings.concurrency,
+            )  # fmt: skip
+            while not requested.wait(1.0):
+                pass
         self.stop()
 
     def stop(self) -> None:

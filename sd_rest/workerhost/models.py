@@ -69,7 +69,10 @@ def held_models(settings: Settings, provenance: Provenance) -> tuple[list[HeldMo
                 f"the {model.value} model checkpoint {path} is missing: this worker takes no "
                 f"{users} jobs (see {model.flag})"
             )
-    provenance.start(present.values())
+    unknown = [path for path in present.values() if provenance.checkpoint_sha256(path) is None]
+    provenance.start(present.values())  # those, and the fork's commit for the images' labels
+    if unknown:
+        log.info("hashing %s (once: the digests are cached)", ", ".join(map(str, unknown)))
     provenance.wait()
     held = []
     for model, path in present.items():
