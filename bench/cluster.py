@@ -177,40 +177,39 @@ def _job(tag: str, steps: int, iterations: int = 1) -> dict[str, Any]:
     return {"prompt": f"{tag} {uuid.uuid4().hex}", "steps": steps, "iterations": iterations}
 
 
-def _throughput(workdir: Path, cert: tuple[Path, Path], hosts: int, jobs: int) -> float:
-    env = simulator_env(0.1, 0.05)
-    with Cluster(workdir, cert, hosts, env) as cluster:
-        client = Client(cluster.api.port)
-        try:
-            began = time.monotonic()
-            urls = [client.submit(_job("throughput", 20)) for _ in range(jobs)]
-            for url in urls:
-                doc = client.wait_status(url, TERMINAL, timeout=600)
-                if doc["status"] != "COMPLETE":
-                    raise RuntimeError(f"{url} ended {doc}")
-            return jobs / (time.monotonic() - began)
-        finally:
-            client.close()
+def _throughput(cluster: Cluster, jobs: int, steps: int) -> float:
+    """Jobs per second: `jobs` fixed-time jobs posted at once, to the last COMPLETE."""
+    client = Client(cluster.api.port)
+    try:
+        began = time.monotonic()
+        urls = [client.submit(_job("throughput", steps)) for _ in range(jobs)]
+        for url in urls:
+            doc = client.wait_status(url, TERMINAL, timeout=600)
+            if doc["status"] != "COMPLETE":
+                raise RuntimeError(f"{url} ended {doc}")
+        return jobs / (time.monotonic() - began)
+    finally:
+        client.close()
 
 
-def _post_to_started(workdir: Path, cert: tuple[Path, Path], jobs: int) -> list[float]:
-    env = simulator_env(0.0, 0.01)
+def _post_to_started(cluster: Cluster, jobs: int) -> list[float]:
+    """From each POST's send to the job's startedAt, one job at a time on an idle host."""
     delays: list[float] = []
-    with Cluster(workdir, cert, 1, env) as cluster:
-        client = Client(cluster.api.port)
-        try:
-            sent: dict[str, float] = {}
-            for _ in range(jobs):
-                at = time.time()
-                url = client.submit(_job("started", 2))
-                sent[url.rsplit("/", 1)[1]] = at
-                client.wait_status(url, TERMINAL, timeout=60)
-            listing = client.get_json(f"/jobs?limit={max(jobs, 1)}")
-            for item in listing["items"]:
+    client = Client(cluster.api.port)
+    try:
+        sent: dict[str, float] = {}
+        for _ in range(jobs):
+            at = time.time()
+            url = client.submit(_job("started", 2))
+            sent[url.rsplit("/", 1)[1]] = at
+            client.wait_status(url, TERMINAL, timeout=60)
+        listing = client.get_json(f"/jobs?limit={max(jobs, 1)}")
+        for item in listing["items"]:
+            if item["id"] in sent:
                 started = datetime.fromisoformat(item["startedAt"].replace("Z", "+00:00"))
                 delays.append(started.timestamp() - sent[item["id"]])
-        finally:
-            client.close()
+    finally:
+        client.close()
     return delays
 
 
@@ -248,34 +247,37 @@ def _stream_lags(
     return steps, images
 
 
-def _queued_rss(workdir: Path, cert: tuple[Path, Path], jobs: int) -> tuple[int, int]:
-    env = simulator_env(0.3, 1.0)
-    with Cluster(workdir, cert, 4, env) as cluster:
-        client = Client(cluster.api.port)
-        try:
-            before = rss_bytes(cluster.api.pid)
-            for _ in range(jobs):
-                client.submit(_job("queued", 50))
-            time.sleep(2.0)  # the follower and the registry cache settle
-            return before, rss_bytes(cluster.api.pid)
-        finally:
-            client.close()
+def _queued_rss(cluster: Cluster, jobs: int) -> tuple[int, int]:
+    """The API node's RSS before and after `jobs` more jobs queue behind its busy hosts."""
+    client = Client(cluster.api.port)
+    try:
+        before = rss_bytes(cluster.api.pid)
+        for _ in range(jobs):
+            client.submit(_job("queued", 250))
+        time.sleep(2.0)  # the follower and the registry cache settle
+        return before, rss_bytes(cluster.api.pid)
+    finally:
+        client.close()
 
 
 def measure(workdir: Path, cert: tuple[Path, Path], sizes: Sizes) -> list[Result]:
     if shutil.which("redis-server") is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-    quick = sizes.lag_jobs <= 1
-    per_host = 2 if quick else 6
-    rates = {
-        hosts: _throughput(workdir / f"throughput{hosts}", cert, hosts, per_host * 4)
-        for hosts in (1, 2, 4)
-    }
+    env = simulator_env(0.1, 0.05)
+    rates: dict[int, float] = {}
+    started: list[float] = []
+    for hosts in (1, 2, 4):
+        with Cluster(workdir / f"hosts{hosts}", cert, hosts, env) as cluster:
+            jobs = sizes.cluster_jobs_per_host * 4
+            rates[hosts] = _throughput(cluster, jobs, sizes.cluster_steps)
+            if hosts == 1:
+                started = _post_to_started(cluster, sizes.cluster_started)
+            if hosts == 4:
+                before, after = _queued_rss(cluster, sizes.cluster_queued)
     speedup = rates[2] / rates[1]
-    started = _post_to_started(workdir / "started", cert, 3 if quick else 40)
-    steps, images = _stream_lags(workdir / "lag", cert, 1 if quick else 5)
-    before, after = _queued_rss(workdir / "rss", cert, 20 if quick else 1000)
-    queued = 20 if quick else 1000
+    steps, images = _stream_lags(workdir / "lag", cert, sizes.cluster_lag_jobs)
+    queued = sizes.cluster_queued
+    per_host = sizes.cluster_jobs_per_host
     return [
         Result(
             "cluster throughput, jobs/s with 1 / 2 / 4 hosts",
@@ -283,7 +285,8 @@ def measure(workdir: Path, cert: tuple[Path, Path], sizes: Sizes) -> list[Result
             f"2 hosts ≥ {SPEEDUP_TARGET}× one",
             speedup >= SPEEDUP_TARGET,
             f"2 hosts: {speedup:.2f}×, 4 hosts: {rates[4] / rates[1]:.2f}× "
-            f"({per_host * 4} jobs of 20 steps × 50 ms each; one machine, 2 cores)",
+            f"({per_host * 4} jobs of {sizes.cluster_steps} steps × 50 ms each; one machine, "
+            "2 cores)",
         ),
         Result(
             "cluster POST → started on a worker, p50 / p95",
@@ -314,6 +317,6 @@ def measure(workdir: Path, cert: tuple[Path, Path], sizes: Sizes) -> list[Result
             f"{after / MIB:.0f} MiB",
             "",
             None,
-            f"{before / MIB:.0f} MiB before the jobs were posted",
+            f"{before / MIB:.0f} MiB before the jobs were posted (after the throughput jobs)",
         ),
     ]

@@ -54,6 +54,11 @@ class Sizes:
     listing_pages: int = 200  # pages of each kind timed
     a1111_jobs: int = 40  # one-image jobs each way through /sdapi/v1/txt2img and our API
     a1111_seconds: float = 5.0  # status GETs timed, quiet and while batches are encoded
+    cluster_jobs_per_host: int = 6  # throughput: jobs per host, 1, 2 and 4 hosts
+    cluster_steps: int = 20  # steps of 50 ms in each of those jobs
+    cluster_started: int = 40  # jobs timed from POST to started on a host
+    cluster_lag_jobs: int = 5  # jobs whose progress and 1 MB images are timed to their events
+    cluster_queued: int = 1000  # jobs queued behind 4 busy hosts for the API node's RSS
 
 
 FULL = Sizes()
@@ -82,6 +87,11 @@ QUICK = Sizes(
     resident_more=1,
     a1111_jobs=2,
     a1111_seconds=0.5,
+    cluster_jobs_per_host=1,
+    cluster_steps=4,
+    cluster_started=3,
+    cluster_lag_jobs=1,
+    cluster_queued=20,
 )
 
 
