@@ -14,12 +14,15 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
+
+import redis as redis_errors
 
 from sd_rest.cluster import keys
 from sd_rest.cluster.connection import FAILURES
 from sd_rest.cluster.entries import Entry
 from sd_rest.cluster.message import Checkpoint, JobMessage
+from sd_rest.cluster.registry import runs as registry_runs
 from sd_rest.endpoints import ENDPOINTS
 from sd_rest.runs.remote_entries import RemoteEntries
 from sd_rest.runs.remote_files import InputsUnreadable, message_for
@@ -35,6 +38,10 @@ log = logging.getLogger(__name__)
 CANCEL_WAIT: Final = 1.5
 RETRY_FIRST: Final = 0.2
 RETRY_MOST: Final = 5.0
+
+
+class _Changed(redis_errors.RedisError):
+    """The job's hash changed while it was read: read it again (retried like a failure)."""
 
 
 class RemoteRunner:
@@ -53,6 +60,12 @@ class RemoteRunner:
         self._checkpoint: Checkpoint | None = None
         self._attached = False  # in Redis and followed
         self._missing_since: float | None = None  # its worker host gone from the registry
+        # Since when its worker host, live, has not listed it among its jobs.
+        self._unlisted_since: float | None = None
+        # _attach's retries and the follower's redis_back may both find or enqueue it: one
+        # at a time, or both would create and send it (a second START takes the first,
+        # live, host for dead).
+        self._enqueueing = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- control ----------------------------------------------------------------------
@@ -118,18 +131,35 @@ class RemoteRunner:
             except InputsUnreadable as exc:
                 self._settle(Outcome.failed(str(exc)))
                 return
-            except FAILURES as exc:
+            except (*FAILURES, OSError) as exc:  # Redis, or this disk (a restart's start)
                 if delay == RETRY_FIRST:
-                    log.warning("job %s/%s waits for Redis: %s", *self._key, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MOST)
+                    log.warning("job %s/%s waits for Redis or the disk: %s", *self._key, exc)
+            except Exception as exc:  # a bug: said, and the job ends rather than hangs
+                log.exception("job %s/%s could not be handed to the worker hosts", *self._key)
+                self._settle(Outcome.failed(f"it could not be handed to the worker hosts: {exc}"))
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MOST)
 
     async def _find_or_enqueue(self) -> None:
+        async with self._enqueueing:  # the hash read again by each, inside
+            await self._find_or_enqueue_now()
+
+    async def _find_or_enqueue_now(self) -> None:
         # Followed first: a worker starting it from now on is noticed.
         self._follow(active=False)
         state = await self.redis.job(*self._key)
+        if state is not None and state.get("seq") != str(self.job.seq):
+            # An earlier run's keys (it was retried since; their deletion failed or this
+            # node died before it): its pending end must not settle this run.
+            log.warning("job %s/%s: dropping the keys of its earlier run", *self._key)
+            if not await self.redis.discard(*self._key, state):
+                raise _Changed()
+            state = None
         if state is None:
-            await self.redis.create(*self._key, self._queue(), len(self.job.images))
+            await self.redis.create(
+                *self._key, self._queue(), len(self.job.images), self.job.seq
+            )
             self.entries.attempt = None
             await self.redis.send(self._queue(), await self._message())
             return
@@ -167,12 +197,15 @@ class RemoteRunner:
             return
         registry, worker = self.remote.node.registry, self.entries.worker
         if self.job.status is not Status.IN_PROGRESS or worker is None or not registry.reachable:
-            self._missing_since = None
-            return
-        if registry.live(worker.host, worker.pid):
-            self._missing_since = None
+            self._missing_since = self._unlisted_since = None
             return
         now = time.monotonic()
+        record = registry.record(worker.id, worker.host, worker.pid)
+        if record is not None:
+            self._missing_since = None
+            await self._check_listed(record, now)
+            return
+        self._unlisted_since = None
         if self._missing_since is None:
             self._missing_since = now
         elif now - self._missing_since > self.remote.node.heartbeat_timeout:
@@ -182,6 +215,43 @@ class RemoteRunner:
                 await self.sink.requeued()
             if checkpoint is not None:
                 self.job.set_waiting(self.remote.waiting(model, checkpoint))
+
+    async def _check_listed(self, record: dict[str, Any], now: float) -> None:
+        """The safety net for a job its live host no longer runs (its message acknowledged
+        without an end the node took: Redis restored from an older snapshot, an error the
+        host could not report): unlisted longer than the heartbeat timeout, it waits in the
+        queue again and its message is sent again (the next START supersedes the old
+        attempt; the images kept here are not made again)."""
+        if registry_runs(record, *self._key) is not False:
+            self._unlisted_since = None
+            return
+        if self._unlisted_since is None:
+            self._unlisted_since = now
+            return
+        if now - self._unlisted_since <= self.remote.node.heartbeat_timeout:
+            return
+        self._unlisted_since = None
+        log.warning(
+            "job %s/%s: its worker host %s no longer runs it; sent again",
+            *self._key, record.get("host"),
+        )  # fmt: skip
+        async with self.entries.lock:
+            if self.job.status is not Status.IN_PROGRESS:
+                return
+            await self.sink.requeued()
+        try:
+            async with self._enqueueing:
+                state = await self.redis.job(*self._key)
+                if state is not None:
+                    # Unsent until Dramatiq has it: a send Redis refuses is made by redis_back.
+                    await self.redis.redis.hset(keys.job(*self._key), "enqueued", 0)
+                    await self.redis.send(
+                        state.get("queue") or self._queue(), await self._message()
+                    )
+        except InputsUnreadable as exc:
+            self._settle(Outcome.failed(str(exc)))
+        except FAILURES as exc:  # Redis went away: redis_back finds it when it returns
+            log.warning("job %s/%s could not be sent again: %s", *self._key, exc)
 
     # --- the stream (called by the follower, in stream order) ---------------------------
 
