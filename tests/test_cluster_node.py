@@ -383,8 +383,12 @@ def _monitor(redis_server: RedisServer, seen: list[Any]) -> None:
 def test_a_canceled_queued_remote_job_never_starts(node: Server, worker: StandInWorker) -> None:
     url = post(node)
     assert node.request("DELETE", url).json()["status"] == "CANCELED"
-    worker.take(TEXT_QUEUE)
+    # Its message is taken back, even from a send the DELETE met halfway; a worker that
+    # took it first drops it at START.
     assert worker.start(*job_key(url)) in ("gone", "canceled")
+    name = f"{keys.DRAMATIQ_NAMESPACE}:{TEXT_QUEUE}"
+    client = redis.Redis.from_url(worker.url)
+    wait_until(lambda: client.llen(name) == 0 and client.hlen(f"{name}.msgs") == 0, "taken back")
 
 
 # --- the worker hosts in GET / -------------------------------------------------------------
@@ -561,7 +565,7 @@ def test_a_send_cancelled_midway_still_marks_the_job_enqueued(redis_url: str) ->
     async def scenario() -> None:
         node = NodeRedis(redis_url, heartbeat_timeout=30.0)
         try:
-            await node.create("text-to-image", message.id, "sha-cut", 0)
+            await node.create("text-to-image", message.id, "sha-cut", 0, 1)
             sending = asyncio.create_task(node.send("sha-cut", message))
             await asyncio.sleep(0)  # the message is on its way (a thread)
             await asyncio.sleep(0)
@@ -663,3 +667,157 @@ def test_the_follower_reads_a_stream_once_started_and_survives_a_failing_entry(
     assert [type(e) for e in target.seen] == [entries.Progress, entries.Started]
     # The failing entry was logged and acknowledged, not left pending for good.
     assert client.xpending(stream, keys.GROUP)["pending"] == 0
+
+
+# --- keys left behind (review of issue 19: findings 1, 3, 5, 6, 8, 10) ---------------------
+
+
+def test_a_retried_job_whose_earlier_keys_were_left_in_redis_runs_anew(
+    node: Server, worker: StandInWorker, redis_server: RedisServer
+) -> None:
+    client = redis_server.client()
+    url = post(node)
+    wait_until(lambda: hash_of(client, url).get("enqueued") == "1", "enqueued")
+    client.execute_command("ACL", "SETUSER", "default", "-del")  # its keys stay
+    try:
+        assert node.request("DELETE", url).json()["status"] == "CANCELED"
+        node.kill()  # what it meant to delete later is lost with it
+        node.start()
+    finally:
+        client.execute_command("ACL", "SETUSER", "default", "+del")
+    assert hash_of(client, url).get("canceled") == "1"  # the earlier run's, still there
+    assert post(node) == url  # posted again: a retry, a new run
+    run = begin(worker, url)
+    worker.image(run, 1, png_bytes(16, 16), 7, 1)
+    worker.image(run, 2, png_bytes(16, 16), 7, 2)
+    worker.end(run, "complete")
+    assert node.wait_status(url, {"COMPLETE", "FAILED", "CANCELED"})["status"] == "COMPLETE"
+
+
+def test_a_send_that_finds_the_job_canceled_or_gone_takes_its_message_back(
+    redis_url: str,
+) -> None:
+    from sd_rest.cluster.connection import NodeRedis
+    from sd_rest.cluster.message import Checkpoint, JobMessage
+
+    client = redis.Redis.from_url(redis_url)
+    canceled = JobMessage("text-to-image", "c" * 32, {}, Checkpoint("m.ckpt", None), {})
+    gone = JobMessage("text-to-image", "d" * 32, {}, Checkpoint("m.ckpt", None), {})
+
+    async def scenario() -> None:
+        node = NodeRedis(redis_url, heartbeat_timeout=30.0)
+        try:
+            # A DELETE while Dramatiq took the message: canceled, or settled and deleted.
+            await node.create("text-to-image", canceled.id, "sha-race", 0, 1)
+            client.hset(keys.job("text-to-image", canceled.id), "canceled", 1)
+            await node.send("sha-race", canceled)
+            await node.send("sha-race", gone)
+        finally:
+            await node.close()
+
+    asyncio.run(scenario())
+    name = f"{keys.DRAMATIQ_NAMESPACE}:sha-race"
+    assert client.llen(name) == 0 and client.hlen(f"{name}.msgs") == 0
+    assert client.hget(keys.job("text-to-image", canceled.id), "enqueued") == b"0"
+    assert not client.exists(keys.job("text-to-image", gone.id))  # not brought back
+
+
+def test_delete_incomplete_drops_the_keys_and_messages_of_the_jobs_it_deletes(
+    node: Server, redis_server: RedisServer, tmp_path: Path, certs: tuple[str, str, str],
+    servers: list[Server], redis_url: str,
+) -> None:  # fmt: skip
+    client = redis_server.client()
+    url = post(node)
+    wait_until(lambda: hash_of(client, url).get("enqueued") == "1", "enqueued")
+    assert node.stop(signal.SIGTERM) == 0
+    again = Server(node.output, certs, args=["--broker", redis_url, "--delete-incomplete"])
+    servers.append(again.start())
+    name = f"{keys.DRAMATIQ_NAMESPACE}:{TEXT_QUEUE}"
+    wait_until(lambda: not client.exists(keys.job(*job_key(url))), "its hash dropped")
+    assert client.llen(name) == 0 and client.hlen(f"{name}.msgs") == 0
+    assert not client.exists(keys.stream(*job_key(url)))
+
+
+def test_a_job_a_restart_completes_from_its_images_on_disk_drops_its_keys(
+    node: Server, worker: StandInWorker, redis_server: RedisServer
+) -> None:
+    client = redis_server.client()
+    url = post(node)
+    run = begin(worker, url)
+    worker.image(run, 1, png_bytes(16, 16), 7, 1)
+    worker.image(run, 2, png_bytes(16, 16), 7, 2)
+    wait_until(lambda: kept_images(node, url) == 2, "both images")
+    node.kill()  # before the end: the restart completes it from its images
+    node.start()
+    assert node.wait_status(url, {"COMPLETE", "FAILED"})["status"] == "COMPLETE"
+    wait_until(lambda: not client.exists(keys.job(*job_key(url))), "its hash dropped")
+    assert worker.end(run, "complete") == 0  # the worker's late end goes nowhere
+
+
+def _quick_node(tmp_path: Path, certs: tuple[str, str, str], url: str) -> Server:
+    return Server(tmp_path / "output", certs, args=["--broker", url, "--heartbeat-timeout", "1"])
+
+
+def test_a_job_its_live_host_no_longer_lists_is_sent_again(
+    tmp_path: Path, certs: tuple[str, str, str], redis_url: str, servers: list[Server],
+    worker: StandInWorker,
+) -> None:  # fmt: skip
+    node = _quick_node(tmp_path, certs, redis_url)
+    servers.append(node.start())
+    worker.register([], ttl=60.0)  # alive throughout, and running nothing
+    url = post(node)
+    run = begin(worker, url)
+    worker.image(run, 1, png_bytes(16, 16), 7, 1)
+    wait_until(lambda: kept_images(node, url) == 1, "image 1")
+    node.wait_status(url, {"QUEUED"}, timeout=20)
+    again = begin(worker, url)  # its message was sent again
+    assert again.made == 1
+    assert worker.image(run, 2, png_bytes(16, 16), 7, 2) == 0  # the old attempt is over
+    worker.image(again, 2, png_bytes(16, 16), 7, 2)
+    worker.end(again, "complete")
+    doc = node.wait_status(url, {"COMPLETE", "FAILED"})
+    assert doc["status"] == "COMPLETE" and len(doc["images"]) == 2
+
+
+def test_a_host_sharing_host_and_pid_with_a_dead_one_does_not_keep_its_job(
+    tmp_path: Path, certs: tuple[str, str, str], redis_url: str, servers: list[Server],
+    worker: StandInWorker,
+) -> None:  # fmt: skip
+    node = _quick_node(tmp_path, certs, redis_url)
+    servers.append(node.start())
+    worker.register([], ttl=1.0)  # its heartbeat stops: gone after a second
+    url = post(node)
+    run = begin(worker, url)
+    worker.progress(run, 1, 0.5)
+    node.wait_status(url, {"IN_PROGRESS"})
+    # Another container: the same host name and pid 1 as the dead one, another worker id,
+    # and (as far as host and pid tell) running this job.
+    twin = StandInWorker(redis_url, host=worker.host, pid=worker.pid)
+    try:
+        endpoint, id_ = job_key(url)
+        twin.register([], ttl=60.0, jobs=[{"endpoint": endpoint, "id": id_}])
+        doc = node.wait_status(url, {"QUEUED"}, timeout=20)
+        assert doc["waiting"].startswith("no live worker holds")
+    finally:
+        twin.close()
+
+
+def test_a_redis_refusal_while_checking_jobs_after_an_outage_is_tried_again(
+    node: Server, redis_server: RedisServer
+) -> None:
+    client = redis_server.client()
+    url = post(node)
+    wait_until(lambda: hash_of(client, url).get("enqueued") == "1", "enqueued")
+    name = f"{keys.DRAMATIQ_NAMESPACE}:{TEXT_QUEUE}"
+    client.delete(name, f"{name}.msgs")  # as if the send never reached Redis
+    client.hset(keys.job(*job_key(url)), "enqueued", "0")
+    client.execute_command("ACL", "SETUSER", "default", "-hgetall")  # the job's hash refused
+    try:
+        since = len(node.log())
+        client.client_kill_filter(_type="normal", skipme=True)
+        wait_until(lambda: "Redis answers" in node.log()[since:], "the check after the outage")
+        time.sleep(1.0)  # the check meets the refusal
+    finally:
+        client.execute_command("ACL", "SETUSER", "default", "+hgetall")
+    wait_until(lambda: hash_of(client, url).get("enqueued") == "1", "sent once Redis lets it", 20)
+    assert client.llen(name) == 1

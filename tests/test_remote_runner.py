@@ -128,3 +128,22 @@ def test_a_worker_record_in_get_index() -> None:
     assert (shown["host"], shown["pid"], shown["last_heartbeat"]) == ("mac", 12, 1.5)
     assert parse(b"not json") is None and parse(b"[1]") is None
     assert model_queues({"models": ["x", {"queues": "no"}]}) == set()
+
+
+def test_the_reader_asks_for_a_bounded_number_of_bytes_and_streams_in_turn() -> None:
+    from sd_rest.cluster.follower import (
+        BACKLOG_BYTES,
+        STREAMS_PER_READ,
+        TOTAL_BACKLOG_BYTES,
+        to_read,
+    )  # fmt: skip
+
+    streams = [(f"s{n}", 0) for n in range(3 * STREAMS_PER_READ)]
+    first = to_read(streams, 0, 0)
+    assert len(first) == STREAMS_PER_READ
+    turns = {name for start in range(0, len(streams), STREAMS_PER_READ)
+             for name in to_read(streams, 0, start)}  # fmt: skip
+    assert turns == {name for name, _ in streams}  # each one in its turn
+    held = [("full", BACKLOG_BYTES), ("empty", 0)]
+    assert to_read(held, BACKLOG_BYTES, 0) == ["empty"]
+    assert to_read(held, TOTAL_BACKLOG_BYTES, 0) == []

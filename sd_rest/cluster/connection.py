@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import dramatiq
@@ -64,6 +65,32 @@ return removed
 """
 
 
+# A send's last step (cluster.md): `enqueued=1` and the message's id, unless the job was
+# canceled (or finished, its hash deleted) while Dramatiq took the message: then the message
+# is taken back and nothing written, so a DELETE during the send never brings the hash back.
+# KEYS: job hash, Dramatiq's queue list, its bodies; ARGV: the message's Redis id.
+_SENT: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HGET', KEYS[1], 'canceled') == '1' then
+  if redis.call('LREM', KEYS[2], 0, ARGV[1]) > 0 then redis.call('HDEL', KEYS[3], ARGV[1]) end
+  return 0
+end
+redis.call('HSET', KEYS[1], 'enqueued', '1', 'message', ARGV[1])
+return 1
+"""
+
+# A job's keys dropped as stale: the hash (if it still belongs to the run `seq`; "" matches
+# a hash without one), its stream, its message taken back from Dramatiq's queue.
+# KEYS: job hash, stream, queue list, bodies; ARGV: seq, the message's Redis id ("" = none).
+_DISCARD: Final = """
+if (redis.call('HGET', KEYS[1], 'seq') or '') ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' and redis.call('LREM', KEYS[3], 0, ARGV[2]) > 0 then
+  redis.call('HDEL', KEYS[4], ARGV[2])
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+
 class NodeRedis:
     def __init__(self, url: str, heartbeat_timeout: float) -> None:
         self.url = url
@@ -93,12 +120,14 @@ class NodeRedis:
             return None
         return {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}
 
-    async def create(self, endpoint: str, id_: str, queue: str, made: int) -> None:
+    async def create(self, endpoint: str, id_: str, queue: str, made: int, seq: int) -> None:
         """A fresh hash and stream, with the API node's consumer group: what enqueue writes
-        before Dramatiq has the message (a stream of an earlier run goes first)."""
+        before Dramatiq has the message (a stream of an earlier run goes first). `seq`: the
+        job's submission number, which a retry changes: a hash of another seq is stale."""
         stream = keys.stream(endpoint, id_)
         fields = {
             "queue": queue, "made": made, "enqueued": 0, "canceled": 0, "deliveries": 0,
+            "seq": seq,
         }  # fmt: skip
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(stream, keys.job(endpoint, id_))
@@ -125,9 +154,10 @@ class NodeRedis:
         sent = await asyncio.to_thread(self._broker.enqueue, dramatiq_message)
         # The id the message has in Redis (not Dramatiq's message_id): to take it back.
         redis_id = sent.options.get("redis_message_id", "")
-        await self.redis.hset(
-            keys.job(message.endpoint, message.id), mapping={"enqueued": 1, "message": redis_id}
-        )
+        job = keys.job(message.endpoint, message.id)
+        if not await self.redis.eval(_SENT, 3, job, *dramatiq_keys(queue), redis_id):
+            log.info("job %s/%s: canceled while it was sent; its message is taken back",
+                     message.endpoint, message.id)  # fmt: skip
 
     async def cancel(self, endpoint: str, id_: str) -> None:
         """`canceled=1` (a worker taking the message later never runs it), then the news to
@@ -140,6 +170,26 @@ class NodeRedis:
         queue, message = await self.redis.hmget(job, ["queue", "message"])
         if queue and message:
             await self.redis.eval(_UNSEND, 2, *dramatiq_keys(queue.decode()), message)
+
+    async def discard(self, endpoint: str, id_: str, state: dict[str, str]) -> bool:
+        """Drop a stale hash (`state`, as read) with its stream and the message still in its
+        queue; False when the hash changed meanwhile (a newer run made it)."""
+        queue, message = state.get("queue", ""), state.get("message", "")
+        dropped = await self.redis.eval(
+            _DISCARD, 4, keys.job(endpoint, id_), keys.stream(endpoint, id_),
+            *dramatiq_keys(queue), state.get("seq", ""), message,
+        )  # fmt: skip
+        return bool(dropped)
+
+    async def job_hashes(self, count: int = 500) -> AsyncIterator[tuple[str, str, dict[str, str]]]:
+        """Every job hash in Redis: (endpoint, id, its fields)."""
+        prefix = keys.job("", "")[:-1]  # "sd-rest:job:"
+        async for raw in self.redis.scan_iter(match=f"{prefix}*", count=count, _type="hash"):
+            name = raw.decode("utf-8", "replace")
+            endpoint, _, id_ = name[len(prefix):].partition(":")
+            state = await self.job(endpoint, id_)
+            if state is not None and keys.job(endpoint, id_) == name:
+                yield endpoint, id_, state
 
     async def forget(self, endpoint: str, id_: str) -> None:
         """A finished job: its hash and stream are no longer needed."""

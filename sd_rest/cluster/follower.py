@@ -37,8 +37,15 @@ log = logging.getLogger(__name__)
 
 CONSUMER: Final = "api"
 BLOCK_MS: Final = 5000
-BATCH: Final = 100
-BACKLOG: Final = 2 * BATCH  # entries read but not handled, past which a stream is not read
+SHORT_BLOCK_MS: Final = 50
+# An image entry holds a PNG (1-3 MB): after a long outage of this node every finished job's
+# stream is read at once, so what one read may bring is bounded in entries per stream, in
+# streams per read (the others in turn, at the next reads), and by the bytes read but not
+# yet handled, per stream and in all.
+BATCH: Final = 8
+STREAMS_PER_READ: Final = 16
+BACKLOG_BYTES: Final = 32 * 2**20  # per stream
+TOTAL_BACKLOG_BYTES: Final = 128 * 2**20
 BACKOFF_FIRST: Final = 0.1
 BACKOFF_MOST: Final = 2.0
 PENDING: Final = "0"
@@ -65,7 +72,34 @@ class _Followed:
     active: bool = False
     cursor: str = PENDING  # PENDING, an id (pending entries after it), or NEW
     backlog: deque[RawEntry] = field(default_factory=deque)
+    backlog_bytes: int = 0  # of the entries in backlog
     task: asyncio.Task[None] | None = None
+
+    def add(self, entries: list[RawEntry]) -> None:
+        self.backlog.extend(entries)
+        self.backlog_bytes += sum(entry_size(entry) for entry in entries)
+
+    def pop(self) -> None:
+        self.backlog_bytes -= entry_size(self.backlog.popleft())
+
+    def clear(self) -> None:
+        self.backlog.clear()
+        self.backlog_bytes = 0
+
+
+def entry_size(entry: RawEntry) -> int:
+    return len(entry[0]) + sum(len(k) + len(v) for k, v in entry[1].items())
+
+
+def to_read(streams: list[tuple[str, int]], total: int, start: int) -> list[str]:
+    """Which of the active streams (name, bytes read but not handled) one read asks for:
+    none while `total` such bytes reach TOTAL_BACKLOG_BYTES; else those under BACKLOG_BYTES,
+    at most STREAMS_PER_READ of them, taken in turn from position `start`."""
+    if total >= TOTAL_BACKLOG_BYTES or not streams:
+        return []
+    start %= len(streams)
+    turn = streams[start:] + streams[:start]
+    return [name for name, held in turn if held < BACKLOG_BYTES][:STREAMS_PER_READ]
 
 
 class Follower:
@@ -78,6 +112,7 @@ class Follower:
         # False until the first read, and while Redis cannot be reached or lost a stream.
         self.reachable = False
         self._outage = False  # a real one (logged), not a stream deleted under a read
+        self._turn = 0  # where the next read starts among the active streams
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="cluster-follower")
@@ -111,6 +146,10 @@ class Follower:
         followed = self._streams.pop(stream, None)
         if followed is not None and followed.task is not None:
             followed.task.cancel()
+
+    def _held(self) -> int:
+        """Bytes read and not yet handled, over every followed stream."""
+        return sum(one.backlog_bytes for one in self._streams.values())
 
     def wake(self) -> None:
         """The blocked read ends at once (it reads a changed set of streams)."""
@@ -159,26 +198,29 @@ class Follower:
             if queue is None or enqueued != b"1":
                 try:
                     await one.target.redis_back()
+                except FAILURES:
+                    raise  # Redis failed again: the whole look is made again, later
                 except Exception:  # one job's trouble must not hold the others up
                     log.exception("job stream %s: checking it again failed", name)
                 continue
             await ensure_group(self.redis, name)
-            one.backlog.clear()  # read again from the pending entries
+            one.clear()  # read again from the pending entries
             one.cursor = PENDING
             one.active = one.active or bool(attempt)
         self.reachable = True
         self._outage = False
 
     async def _read(self) -> None:
-        wanted = {
-            name: one.cursor
-            for name, one in self._streams.items()
-            if one.active and len(one.backlog) < BACKLOG
-        }
+        active = [(name, one.backlog_bytes) for name, one in self._streams.items() if one.active]
+        chosen = to_read(active, self._held(), self._turn)
+        self._turn += STREAMS_PER_READ
+        wanted = {name: self._streams[name].cursor for name in chosen}
         wanted[keys.NOTIFY] = NEW
+        # Streams left for the next turn: a short wait, so their entries are not held up.
+        block = BLOCK_MS if len(chosen) == len(active) else SHORT_BLOCK_MS
         try:
             reply = await self.redis.xreadgroup(
-                keys.GROUP, CONSUMER, wanted, count=BATCH, block=BLOCK_MS  # type: ignore[arg-type]
+                keys.GROUP, CONSUMER, wanted, count=BATCH, block=block  # type: ignore[arg-type]
             )
         except redis.ResponseError as exc:
             if "UNBLOCKED" in str(exc):
@@ -200,7 +242,7 @@ class Follower:
             if followed.cursor != NEW:
                 # Pending entries, in id order: go on after the last one; none left: new ones.
                 followed.cursor = entries[-1][0].decode() if entries else NEW
-            followed.backlog.extend(entries)
+            followed.add(entries)
             if followed.task is None or followed.task.done():
                 followed.task = asyncio.create_task(self._handle(name, followed))
 
@@ -213,12 +255,15 @@ class Follower:
 
     async def _handle(self, name: str, followed: _Followed) -> None:
         """The stream's entries read so far, in order (a task per stream)."""
-        throttled = len(followed.backlog) >= BACKLOG
+        throttled = (
+            followed.backlog_bytes >= BACKLOG_BYTES
+            or self._held() >= TOTAL_BACKLOG_BYTES
+        )
         while followed.backlog and self._streams.get(name) is followed:
             entry_id, fields = followed.backlog[0]
             keep = await self._apply(name, followed, entry_id, fields)
             if followed.backlog and followed.backlog[0][0] == entry_id:
-                followed.backlog.popleft()
+                followed.pop()
             if not keep:
                 # Else acknowledged once it is read again (handling it again changes nothing).
                 with contextlib.suppress(*FAILURES):

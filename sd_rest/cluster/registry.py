@@ -72,9 +72,17 @@ class Registry:
                 log.debug("worker %s: a record that is not one of ours", id_)
         return records
 
-    def live(self, host: str, pid: int) -> bool:
-        """Whether the worker process `pid` of `host` is among the live worker hosts."""
-        return any(r.get("host") == host and r.get("pid") == pid for r in self.records)
+    def record(self, worker_id: str | None, host: str, pid: int) -> dict[str, Any] | None:
+        """The live record of a worker: by its id (containers share pid 1, so host and pid
+        may name two hosts); by host and pid only for a worker known without its id (a
+        sidecar written before the id was kept). None when it is not live."""
+        for record in self.records:
+            if worker_id is not None:
+                if record.get("id") == worker_id:
+                    return record
+            elif record.get("host") == host and record.get("pid") == pid:
+                return record
+        return None
 
     def serves(self, queue: str) -> bool:
         """Whether a live worker host consumes `queue` (holds the checkpoint it names)."""
@@ -89,6 +97,18 @@ def parse(value: bytes) -> dict[str, Any] | None:
     if not isinstance(record, dict) or not isinstance(record.get("models", []), list):
         return None
     return record
+
+
+def runs(record: dict[str, Any], endpoint: str, id_: str) -> bool | None:
+    """Whether a worker's record lists the job among its jobs (None: a record without a list
+    of jobs, which says nothing either way)."""
+    jobs = record.get("jobs")
+    if not isinstance(jobs, list):
+        return None
+    return any(
+        isinstance(job, dict) and job.get("endpoint") == endpoint and job.get("id") == id_
+        for job in jobs
+    )
 
 
 def model_queues(record: dict[str, Any]) -> set[str]:

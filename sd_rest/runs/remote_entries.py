@@ -86,7 +86,9 @@ class RemoteEntries:
         if entry.attempt == self.attempt and self.job.status is Status.IN_PROGRESS:
             return  # read again (it was not acknowledged)
         self.attempt = entry.attempt
-        self.worker = RemoteWorker(entry.worker.host, entry.worker.pid, entry.attempt)
+        self.worker = RemoteWorker(
+            entry.worker.host, entry.worker.pid, entry.attempt, entry.worker.worker_id
+        )
         await self.sink.started(None, self.worker)
 
     async def _image(self, entry: Image) -> None:

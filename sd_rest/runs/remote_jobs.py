@@ -8,18 +8,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from sd_rest.cluster import keys
+from sd_rest.cluster.connection import UNREACHABLE
 from sd_rest.cluster.message import Checkpoint
 from sd_rest.cluster.node import ClusterNode
 from sd_rest.cluster.registry import listing
 from sd_rest.endpoints import ENDPOINTS
 from sd_rest.runs.provenance import Provenance, provenance_for
 from sd_rest.settings import Model, Settings
-from sd_rest.state.layout import Key
+from sd_rest.state.layout import ID_RE, Key
+from sd_rest.state.store import JobStore
 
 log = logging.getLogger(__name__)
+
+SWEEP_RETRY_FIRST: Final = 0.5
+SWEEP_RETRY_MOST: Final = 10.0
 
 
 class Watched(Protocol):
@@ -29,22 +34,25 @@ class Watched(Protocol):
 
 
 class RemoteJobs:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: JobStore) -> None:
         assert settings.broker is not None
         self.settings = settings
+        self.store = store
         self.node = ClusterNode(settings.broker, settings.heartbeat_timeout)
         self.provenance: Provenance = provenance_for(settings.output, settings.repository)
         # One hashing per checkpoint file, every job awaiting it (never a thread per job).
         self._hashing: dict[Path, asyncio.Task[str | None]] = {}
         self.runs: dict[Key, Watched] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.node.start()
         self._watcher = asyncio.create_task(self._watch(), name="cluster-waiting")
+        self._sweeper = asyncio.create_task(self._sweep(), name="cluster-sweep")
 
     async def close(self) -> None:
-        tasks = [self._watcher, *self._hashing.values()]
+        tasks = [self._watcher, self._sweeper, *self._hashing.values()]
         for task in tasks:
             if task is not None:
                 task.cancel()
@@ -59,6 +67,38 @@ class RemoteJobs:
                     await run.refresh()
                 except Exception:  # the loop serves every job: it goes on
                     log.exception("a remote job's waiting reason")
+
+    async def _sweep(self) -> None:
+        """Once, at start (retried while Redis cannot be reached): the keys of every job this
+        node has finished or no longer has are dropped, its message taken back from its queue
+        (no worker host runs it): a node that died before deleting them, deletions Redis
+        refused, --delete-incomplete, a run without --broker that finished the job."""
+        delay = SWEEP_RETRY_FIRST
+        while True:
+            try:
+                dropped = await self._sweep_once()
+            except UNREACHABLE:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, SWEEP_RETRY_MOST)
+                continue
+            except Exception as exc:  # a refusal (ACL, OOM...): the runs retry their own
+                log.warning("the stale job keys in Redis could not be swept: %s", exc)
+                return
+            if dropped:
+                log.info("dropped the Redis keys of %d finished or deleted job(s)", dropped)
+            return
+
+    async def _sweep_once(self) -> int:
+        redis, dropped = self.node.redis, 0
+        async for endpoint, id_, state in redis.job_hashes():
+            if endpoint not in ENDPOINTS or not ID_RE.fullmatch(id_):
+                continue  # not a name this node makes: left alone
+            job = await self.store.get(endpoint, id_)
+            if job is not None and not job.status.finished:
+                continue  # its run follows it (and drops it if it is an earlier run's)
+            if await redis.discard(endpoint, id_, state):
+                dropped += 1
+        return dropped
 
     async def unavailable(self) -> str | None:
         """Why a job cannot be handed to the worker hosts now (Redis does not answer)."""

@@ -12,18 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from pathlib import Path
 from typing import Final
+
+import redis as redis_errors
 
 from sd_rest.cluster import keys
 from sd_rest.cluster.connection import FAILURES
 from sd_rest.cluster.entries import Entry
 from sd_rest.cluster.message import Checkpoint, JobMessage
-from sd_rest.endpoints import ENDPOINTS
 from sd_rest.runs.remote_entries import RemoteEntries
 from sd_rest.runs.remote_files import InputsUnreadable, message_for
 from sd_rest.runs.remote_jobs import RemoteJobs
+from sd_rest.runs.remote_watch import WatchedRun
 from sd_rest.runs.seam import Outcome, OutcomeKind, RunSink
 from sd_rest.state.jobs import Job, Status
 from sd_rest.state.store import JobStore
@@ -37,7 +38,11 @@ RETRY_FIRST: Final = 0.2
 RETRY_MOST: Final = 5.0
 
 
-class RemoteRunner:
+class _Changed(redis_errors.RedisError):
+    """The job's hash changed while it was read: read it again (retried like a failure)."""
+
+
+class RemoteRunner(WatchedRun):
     def __init__(self, remote: RemoteJobs, store: JobStore, job: Job, sink: RunSink) -> None:
         self.remote = remote
         self.redis = remote.node.redis
@@ -53,6 +58,12 @@ class RemoteRunner:
         self._checkpoint: Checkpoint | None = None
         self._attached = False  # in Redis and followed
         self._missing_since: float | None = None  # its worker host gone from the registry
+        # Since when its worker host, live, has not listed it among its jobs.
+        self._unlisted_since: float | None = None
+        # _attach's retries and the follower's redis_back may both find or enqueue it: one
+        # at a time, or both would create and send it (a second START takes the first,
+        # live, host for dead).
+        self._enqueueing = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- control ----------------------------------------------------------------------
@@ -118,18 +129,35 @@ class RemoteRunner:
             except InputsUnreadable as exc:
                 self._settle(Outcome.failed(str(exc)))
                 return
-            except FAILURES as exc:
+            except (*FAILURES, OSError) as exc:  # Redis, or this disk (a restart's start)
                 if delay == RETRY_FIRST:
-                    log.warning("job %s/%s waits for Redis: %s", *self._key, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MOST)
+                    log.warning("job %s/%s waits for Redis or the disk: %s", *self._key, exc)
+            except Exception as exc:  # a bug: said, and the job ends rather than hangs
+                log.exception("job %s/%s could not be handed to the worker hosts", *self._key)
+                self._settle(Outcome.failed(f"it could not be handed to the worker hosts: {exc}"))
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MOST)
 
     async def _find_or_enqueue(self) -> None:
+        async with self._enqueueing:  # the hash read again by each, inside
+            await self._find_or_enqueue_now()
+
+    async def _find_or_enqueue_now(self) -> None:
         # Followed first: a worker starting it from now on is noticed.
         self._follow(active=False)
         state = await self.redis.job(*self._key)
+        if state is not None and state.get("seq") != str(self.job.seq):
+            # An earlier run's keys (it was retried since; their deletion failed or this
+            # node died before it): its pending end must not settle this run.
+            log.warning("job %s/%s: dropping the keys of its earlier run", *self._key)
+            if not await self.redis.discard(*self._key, state):
+                raise _Changed()
+            state = None
         if state is None:
-            await self.redis.create(*self._key, self._queue(), len(self.job.images))
+            await self.redis.create(
+                *self._key, self._queue(), len(self.job.images), self.job.seq
+            )
             self.entries.attempt = None
             await self.redis.send(self._queue(), await self._message())
             return
@@ -156,32 +184,6 @@ class RemoteRunner:
     async def _message(self) -> JobMessage:
         assert self._checkpoint is not None
         return await message_for(self.store, self.job, self._checkpoint)
-
-    async def refresh(self) -> None:
-        """The worker hosts were read again (RemoteJobs' loop): why a queued job waits; a
-        started job whose worker host has been gone longer than the heartbeat timeout waits
-        in the queue again (its message is delivered again when a host can take it)."""
-        model, checkpoint = ENDPOINTS[self.job.endpoint].model, self._checkpoint
-        if self.job.status is Status.QUEUED and checkpoint is not None:
-            self.job.set_waiting(self.remote.waiting(model, checkpoint))
-            return
-        registry, worker = self.remote.node.registry, self.entries.worker
-        if self.job.status is not Status.IN_PROGRESS or worker is None or not registry.reachable:
-            self._missing_since = None
-            return
-        if registry.live(worker.host, worker.pid):
-            self._missing_since = None
-            return
-        now = time.monotonic()
-        if self._missing_since is None:
-            self._missing_since = now
-        elif now - self._missing_since > self.remote.node.heartbeat_timeout:
-            log.warning("job %s/%s: its worker host %s is gone", *self._key, worker.host)
-            self._missing_since = None
-            async with self.entries.lock:
-                await self.sink.requeued()
-            if checkpoint is not None:
-                self.job.set_waiting(self.remote.waiting(model, checkpoint))
 
     # --- the stream (called by the follower, in stream order) ---------------------------
 

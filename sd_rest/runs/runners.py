@@ -32,7 +32,7 @@ class Runners:
             # Only here: redis and dramatiq (the cluster extra) are not needed without it.
             from sd_rest.runs.remote_jobs import RemoteJobs
 
-            self.remote = RemoteJobs(settings)
+            self.remote = RemoteJobs(settings, store)
         local = settings.runner == RESIDENT and self.remote is None
         self.pool = WorkerPool(settings) if local else None
 

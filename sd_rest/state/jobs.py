@@ -54,9 +54,15 @@ class RemoteWorker:
     host: str
     pid: int  # the worker host's `worker` process: never a process of this machine
     attempt: str
+    # The worker's own id (its registry record's): hosts in containers share pid 1, so
+    # host and pid do not tell two hosts apart. None in sidecars written before it was kept.
+    id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"host": self.host, "pid": self.pid, "attempt": self.attempt}
+        doc: dict[str, Any] = {"host": self.host, "pid": self.pid, "attempt": self.attempt}
+        if self.id is not None:
+            doc["id"] = self.id
+        return doc
 
     @classmethod
     def from_json(cls, data: Any) -> RemoteWorker | None:
@@ -67,7 +73,11 @@ class RemoteWorker:
         pid = data["pid"]
         if not isinstance(pid, int) or isinstance(pid, bool):
             raise TypeError(f"worker pid {pid!r} is not a number")
-        return cls(str(data["host"]), pid, str(data["attempt"]))
+        worker_id = data.get("id")
+        return cls(
+            str(data["host"]), pid, str(data["attempt"]),
+            None if worker_id is None else str(worker_id),
+        )  # fmt: skip
 
 
 def job_id(
