@@ -19,7 +19,7 @@ from typing import Any
 
 from sd_rest.api.validation import validate_params
 from sd_rest.cluster import entries, keys
-from sd_rest.cluster.message import Checkpoint, JobMessage
+from sd_rest.cluster.message import Checkpoint, JobMessage, dramatiq_message
 from sd_rest.endpoints import ENDPOINTS
 
 from helpers import DEMO_MODELS, FAST_SIMULATOR, wait_until
@@ -71,19 +71,15 @@ def create_job(client: Any, endpoint: str, job_id: str, made: int = 0, **extra: 
 def enqueue(url: str, message: JobMessage, payload: Any = None) -> None:
     """A real Dramatiq message on the queue the job's checkpoint names (`payload` instead of
     the message's JSON: a damaged one)."""
-    import dramatiq
-
     from sd_rest.cluster.broker import make_broker
 
     broker = make_broker(url, 30.0)
     try:
         queue = keys.queue_for(message.checkpoint.name, message.checkpoint.sha256)
-        body = message.to_json() if payload is None else payload
-        broker.enqueue(
-            dramatiq.Message(
-                queue_name=queue, actor_name=keys.ACTOR, args=(body,), kwargs={}, options={}
-            )
-        )
+        sent = dramatiq_message(queue, message)
+        if payload is not None:
+            sent = sent.copy(args=(payload,))
+        broker.enqueue(sent)
     finally:
         broker.close()
 
@@ -169,3 +165,16 @@ class WorkerHost:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+
+
+class RefusingWrites:
+    """Redis out of memory (maxmemory 1 byte, noeviction): every write answers an OOM error
+    reply, as under maxmemory while streams fill with PNGs, until `lift`."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1")
+
+    def lift(self) -> None:
+        self.client.config_set("maxmemory", "0")

@@ -23,6 +23,7 @@ from sd_rest.images.pngfile import is_complete_png, png_size
 
 from clusterjobs import (
     TEXT_TO_IMAGE,
+    RefusingWrites,
     WorkerHost,
     create_job,
     demo_checkpoint,
@@ -418,7 +419,8 @@ def test_a_run_cut_off_from_redis_is_reported_once_redis_is_back(
     assert acknowledged(client, message)
     assert list((worker.folder / str(worker.process.pid)).rglob("*.png")) == []  # type: ignore[union-attr]
     said = worker.log()
-    assert said.count("Redis cannot be reached") == 1 and said.count("Redis answers again") == 1
+    assert said.count("Redis cannot take its report") == 1
+    assert said.count("Redis answers again") == 1
     # Redis away for seconds: each repeating complaint once at most, not every second per
     # thread (a full host's consumers do not fetch: they may not meet the outage at all).
     assert said.count("Consumer encountered a connection error") <= 1, said
@@ -450,12 +452,14 @@ def _deliveries(url: str) -> Any:
     """The actor's body on its own (no run is handed over in these tests), on a real Redis."""
     import redis
 
+    from sd_rest.cluster.broker import make_broker
     from sd_rest.cluster.fence import Fence
     from sd_rest.workerhost.deliveries import Deliveries
 
     client = redis.Redis.from_url(url)
     ref = entries.WorkerRef("this-host", 4242, "this-host-4242-x")
-    return Deliveries(Fence(client), client, None, None, [], ref, lambda q, p: None)  # type: ignore[arg-type]
+    broker = make_broker(url, 30.0)
+    return Deliveries(Fence(client), client, None, None, [], ref, broker.enqueue)  # type: ignore[arg-type]
 
 
 def _start_while_redis_is_away(server: RedisServer, message: JobMessage, attempt: str) -> Any:
@@ -520,6 +524,202 @@ def test_a_start_whose_answer_was_lost_is_not_made_twice(tmp_path: Path) -> None
         assert len(stream_entries(client, message.endpoint, message.id)) == 1
     finally:
         server.stop()
+
+
+def _while_redis_refuses_writes(client: Any, call: Callable[[], Any]) -> Any:
+    """`call()` in a thread while Redis answers every write with an OOM error reply, lifted a
+    moment later; what it returned (failing the test when it raised or never returned)."""
+    import threading
+
+    answers: list[Any] = []
+    refusing = RefusingWrites(client)
+    try:
+        thread = threading.Thread(target=lambda: answers.append(call()))
+        thread.start()
+        time.sleep(1)  # a few tries are refused
+    finally:
+        refusing.lift()
+    thread.join(30)
+    assert answers, "it never answered once Redis took writes again"
+    return answers[0]
+
+
+def test_a_start_redis_refuses_is_tried_until_it_takes_it(own_redis: str) -> None:
+    """An error reply (OOM; MISCONF and READONLY alike) on START is not a job lost: START is
+    tried again until Redis takes it, and the job runs."""
+    import redis
+
+    client = redis.Redis.from_url(own_redis)
+    message = job_message("text-to-image", TEXT_TO_IMAGE)
+    create_job(client, message.endpoint, message.id, made=1)
+    deliveries = _deliveries(own_redis)
+    start = _while_redis_refuses_writes(
+        client, lambda: deliveries._start(message.endpoint, message.id, "attempt-1")
+    )
+    assert (start.verdict, start.made, start.delivery) == ("run", 1, 1)
+    assert [type(e) for e in stream_entries(client, message.endpoint, message.id)] == [
+        entries.Started
+    ]
+
+
+def test_a_failure_redis_refuses_is_tried_until_it_takes_it(own_redis: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(own_redis)
+    message = job_message("text-to-image", TEXT_TO_IMAGE)
+    create_job(client, message.endpoint, message.id)
+    deliveries = _deliveries(own_redis)
+    deliveries.fence.start(message.endpoint, message.id, "attempt-1", deliveries.ref)
+    _while_redis_refuses_writes(
+        client,
+        lambda: deliveries._fail(message.endpoint, message.id, "attempt-1", "no good") or True,
+    )
+    end = stream_entries(client, message.endpoint, message.id)[-1]
+    assert end == entries.End("attempt-1", "failed", "no good", "")
+
+
+def test_a_job_sent_again_is_sent_however_long_redis_refuses_it(own_redis: str) -> None:
+    """A job given back (the host stopping, or Redis's count behind it) is on its queue again
+    once Redis takes writes, and its hash names the new message (what a cancel takes back)."""
+    import redis
+
+    client = redis.Redis.from_url(own_redis)
+    message = job_message("text-to-image", TEXT_TO_IMAGE)
+    create_job(client, message.endpoint, message.id, message="the-first-one")
+    deliveries = _deliveries(own_redis)
+    _while_redis_refuses_writes(client, lambda: deliveries._send_again(message) or True)
+    queue = keys.queue_for(message.checkpoint.name, message.checkpoint.sha256)
+    ids, _ = keys.dramatiq_queue(queue)
+    assert client.lrange(ids, 0, -1) == [client.hget(keys.job(message.endpoint, message.id),
+                                                     "message")]  # fmt: skip
+
+
+def test_a_report_redis_refuses_is_sent_once_it_takes_it(
+    outage: Callable[[bool], tuple[RedisServer, WorkerHost]],
+) -> None:
+    """Redis out of memory mid-run (streams full of PNGs while the API node is down): the
+    images and the end wait on the host and go once Redis takes writes; the job completes."""
+    server, worker = outage(True)
+    client = server.client()
+    message = job_message("text-to-image", {**TEXT_TO_IMAGE, "iterations": 2, "batchSize": 2})
+    submit(client, server.url, message)
+    job = keys.job(message.endpoint, message.id)
+    wait_until(lambda: int(client.hget(job, "made")) >= 1, "the first image")
+    refusing = RefusingWrites(client)
+    try:
+        time.sleep(1.5)  # the next images are made meanwhile, and refused
+    finally:
+        refusing.lift()
+    check_complete(wait_end(client, message), 4, 42, (256, 256))
+    assert "Redis cannot take its report" in worker.log()
+
+
+def test_an_image_redis_did_not_count_sends_the_job_again(
+    client: Any, host: WorkerHost, redis_url: str
+) -> None:
+    """Redis back from an older snapshot: its `made` behind the run's images. The host ends
+    the attempt `stopped` (not a death) and sends the job again, which resumes at Redis's
+    `made`: the job completes (the API node skips the images it already kept)."""
+    message = job_message("text-to-image", {**TEXT_TO_IMAGE, "iterations": 4})
+    submit(client, redis_url, message)
+    job = keys.job(message.endpoint, message.id)
+    wait_until(lambda: int(client.hget(job, "made")) >= 1, "the first image")
+    client.hset(job, "made", "0")
+    found = wait_until(
+        lambda: ends(stream_entries(client, message.endpoint, message.id), 2), "two ends"
+    )
+    first, second = (e for e in found if isinstance(e, entries.End))
+    assert first.outcome == "stopped" and second.outcome == "complete"
+    restarts = [e for e in found if isinstance(e, entries.Started)]
+    assert [s.delivery for s in restarts] == [1, 1]  # the stopped one was no death
+    again = [e.n for e in found if isinstance(e, entries.Image) and e.attempt == second.attempt]
+    assert again == [1, 2, 3, 4]
+    assert b"deaths" not in client.hgetall(job)
+    queue = keys.queue_for(message.checkpoint.name, message.checkpoint.sha256)
+    wait_until(lambda: acknowledged(client, message), "both deliveries acknowledged")
+    assert client.hget(job, "message") not in (None, b"")  # the message sent again
+    assert queue_length(client, queue) == 0
+
+
+def test_an_unreadable_scratch_image_sends_the_job_again(
+    outage: Callable[[bool], tuple[RedisServer, WorkerHost]],
+) -> None:
+    """An image whose scratch file is gone before it could be sent is made again: the attempt
+    ends `stopped` and the job, sent again, resumes after the images Redis has."""
+    server, worker = outage(True)
+    message = job_message("text-to-image", {**TEXT_TO_IMAGE, "iterations": 4})
+    submit(server.client(), server.url, message)
+    client = server.client()
+    wait_until(
+        lambda: any(isinstance(e, entries.Image)
+                    for e in stream_entries(client, message.endpoint, message.id)),
+        "the job's first image",
+    )  # fmt: skip
+    server.stop()
+    wait_gone(ran(worker, message), timeout=20)
+    pid = worker.process.pid  # type: ignore[union-attr]
+    job_dir = worker.folder / str(pid) / message.endpoint / message.id
+    # The last image published: the ones made while Redis was away wait here to be sent.
+    wait_until(lambda: (job_dir / "4.png").exists(), "the last image kept on the host")
+    for path in job_dir.glob("*.png"):
+        path.unlink()
+    server.start()
+    client = server.client()
+    found = wait_until(
+        lambda: ends(stream_entries(client, message.endpoint, message.id), 2), "two ends", 60
+    )
+    first, second = (e for e in found if isinstance(e, entries.End))
+    assert first.outcome == "stopped" and second.outcome == "complete"
+    made = [e.n for e in found if isinstance(e, entries.Image)]
+    assert made == [1, 2, 3, 4]  # each once: the second delivery resumed after Redis's made
+    assert client.hget(keys.job(message.endpoint, message.id), "made") == b"4"
+
+
+def test_a_failure_after_start_ends_the_job_failed(
+    client: Any, host: WorkerHost, redis_url: str
+) -> None:
+    """The host cannot write the job's input files (here its scratch folder has a file where
+    the job's folder goes; a full disk alike): the job ends failed, not started for ever."""
+    inputs = ENDPOINTS["image-to-image"].prepare_inputs({"image": png_bytes(256, 256)})
+    message = job_message("image-to-image", {"prompt": "a boat", "steps": 8}, inputs)
+    scratch = host.folder / str(host.process.pid) / message.endpoint  # type: ignore[union-attr]
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / message.id).write_bytes(b"in the way")
+    try:
+        submit(client, redis_url, message)
+        end = wait_end(client, message)[-1]
+    finally:
+        (scratch / message.id).unlink(missing_ok=True)
+    assert isinstance(end, entries.End) and end.outcome == "failed"
+    assert end.error is not None and "internal error on the worker host" in end.error
+    assert ran(host, message) == []
+
+
+def test_a_full_host_fetches_the_moment_a_slot_is_free(own_redis: str) -> None:
+    """A full host's consumer waits for a slot and then fetches, rather than answering
+    nothing (which Dramatiq counts as an empty queue: it backs off, and a host that was busy
+    for a while would take its next job up to a second late)."""
+    import threading
+
+    from sd_rest.cluster.broker import make_broker
+    from sd_rest.workerhost.capacity import GatedBroker, Slots
+
+    message = job_message("text-to-image", TEXT_TO_IMAGE)
+    enqueue(own_redis, message)
+    queue = keys.queue_for(message.checkpoint.name, message.checkpoint.sha256)
+    broker = make_broker(own_redis, 30.0)
+    slots = Slots(1)
+    assert slots.take(1) == 1  # the host is full
+    gated = GatedBroker(broker, slots, delay=False, wait=30.0)
+    fetched: list[list[bytes]] = []
+    thread = threading.Thread(target=lambda: fetched.append(gated.do_fetch(queue, 1)))
+    thread.start()
+    time.sleep(0.3)
+    assert fetched == []  # still waiting for the slot
+    slots.give_back(1)
+    thread.join(30)
+    broker.close()
+    assert len(fetched) == 1 and len(fetched[0]) == 1 and slots.free == 0
 
 
 def test_a_restarted_host_takes_its_checkpoints_digests_from_the_cache(
@@ -695,7 +895,7 @@ def test_the_heartbeat_goes_on_when_the_record_cannot_be_encoded(
     beats: list[float | None] = []  # Dramatiq's heartbeat as each record is made
 
     def describe() -> dict[str, Any]:
-        beats.append(client.zscore(heartbeat.DRAMATIQ_HEARTBEATS, "dramatiq-1"))
+        beats.append(client.zscore(keys.DRAMATIQ_HEARTBEATS, "dramatiq-1"))
         models = [{"sha256": b"\x00"}] if len(beats) in (2, 3) else []
         return heartbeat.record("w-1", "h", 1, [], models, len(beats), 1, "process")
 

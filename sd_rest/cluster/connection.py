@@ -10,12 +10,12 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
-import dramatiq
 import redis
 import redis.asyncio as aredis
 
 from sd_rest.cluster import broker, keys
-from sd_rest.cluster.message import JobMessage
+from sd_rest.cluster.message import JobMessage, dramatiq_message
+from sd_rest.cluster.message import redis_id as message_id
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,6 @@ async def ensure_group(redis_: aredis.Redis, stream: str, first: str = "0") -> N
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
-
-
-def dramatiq_keys(queue: str) -> tuple[str, str]:
-    """Dramatiq's list of a queue's message ids, and its hash of their bodies."""
-    name = f"{keys.DRAMATIQ_NAMESPACE}:{queue}"
-    return name, f"{name}.msgs"
 
 
 # Takes a job's message back from its Dramatiq queue (a canceled job no worker has taken).
@@ -144,18 +138,10 @@ class NodeRedis:
     async def _send(self, queue: str, message: JobMessage) -> None:
         if self._broker is None:
             self._broker = broker.make_broker(self.url, self.heartbeat_timeout, maintenance=False)
-        dramatiq_message = dramatiq.Message(
-            queue_name=queue,
-            actor_name=keys.ACTOR,
-            args=(message.to_json(),),
-            kwargs={},
-            options={},
-        )
-        sent = await asyncio.to_thread(self._broker.enqueue, dramatiq_message)
-        # The id the message has in Redis (not Dramatiq's message_id): to take it back.
-        redis_id = sent.options.get("redis_message_id", "")
+        sent = await asyncio.to_thread(self._broker.enqueue, dramatiq_message(queue, message))
+        redis_id = message_id(sent)  # to take it back
         job = keys.job(message.endpoint, message.id)
-        if not await self.redis.eval(_SENT, 3, job, *dramatiq_keys(queue), redis_id):
+        if not await self.redis.eval(_SENT, 3, job, *keys.dramatiq_queue(queue), redis_id):
             log.info("job %s/%s: canceled while it was sent; its message is taken back",
                      message.endpoint, message.id)  # fmt: skip
 
@@ -169,7 +155,7 @@ class NodeRedis:
         await self.redis.publish(keys.CANCEL_CHANNEL, f"{endpoint}:{id_}")
         queue, message = await self.redis.hmget(job, ["queue", "message"])
         if queue and message:
-            await self.redis.eval(_UNSEND, 2, *dramatiq_keys(queue.decode()), message)
+            await self.redis.eval(_UNSEND, 2, *keys.dramatiq_queue(queue.decode()), message)
 
     async def discard(self, endpoint: str, id_: str, state: dict[str, str]) -> bool:
         """Drop a stale hash (`state`, as read) with its stream and the message still in its
@@ -177,7 +163,7 @@ class NodeRedis:
         queue, message = state.get("queue", ""), state.get("message", "")
         dropped = await self.redis.eval(
             _DISCARD, 4, keys.job(endpoint, id_), keys.stream(endpoint, id_),
-            *dramatiq_keys(queue), state.get("seq", ""), message,
+            *keys.dramatiq_queue(queue), state.get("seq", ""), message,
         )  # fmt: skip
         return bool(dropped)
 
@@ -186,7 +172,7 @@ class NodeRedis:
         prefix = keys.job("", "")[:-1]  # "sd-rest:job:"
         async for raw in self.redis.scan_iter(match=f"{prefix}*", count=count, _type="hash"):
             name = raw.decode("utf-8", "replace")
-            endpoint, _, id_ = name[len(prefix):].partition(":")
+            endpoint, _, id_ = name[len(prefix) :].partition(":")
             state = await self.job(endpoint, id_)
             if state is not None and keys.job(endpoint, id_) == name:
                 yield endpoint, id_, state

@@ -10,9 +10,13 @@ in order, and a job whose workers keep dying ends FAILED instead of looping.
   Either entry is announced on the API node's notify stream (keys.NOTIFY: `job <stream>`):
   the API node reads a job's stream only once a worker has started it.
 - ADD (any later entry): another attempt is current → 0 (superseded: stop, add nothing more);
-  canceled and not an end → -1 (stop the script); an image must be number made+1 (else 0) and
-  sets `made`; an `end stopped` (the host is stopping) takes its delivery back and clears
-  `worker`: not a death. Then XADD → 1.
+  canceled and not an end → -1 (stop the script); an image must be number made+1, else -2
+  (out of order: Redis came back from an older snapshot, its `made` behind the host's; the
+  host ends the attempt `stopped` and sends the job again, to resume at Redis's `made`; the
+  API node skips the images it already kept); an image sets `made`; an `end stopped` (the
+  host is stopping) takes its delivery back and clears `worker`: not a death. Then XADD → 1.
+- RESENT (a host sent the job's message again): the job's hash, if there, names the new
+  Dramatiq message (what a cancel takes back from the queue); a hash gone is not made again.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ if redis.call('HGET', job, 'attempt') ~= attempt then return 0 end
 if kind ~= 'end' and redis.call('HGET', job, 'canceled') == '1' then return -1 end
 if kind == 'image' then
   local made = tonumber(redis.call('HGET', job, 'made') or '0')
-  if tonumber(n) ~= made + 1 then return 0 end
+  if tonumber(n) ~= made + 1 then return -2 end
   redis.call('HSET', job, 'made', n)
 end
 local fields = {}
@@ -82,9 +86,16 @@ redis.call('XADD', stream, '*', unpack(fields))
 return 1
 """
 
+RESENT_SCRIPT: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'message', ARGV[1])
+return 1
+"""
+
 ADDED: Final = 1
 SUPERSEDED: Final = 0
 CANCELED: Final = -1
+OUT_OF_ORDER: Final = -2
 
 Verdict = Literal["run", "gone", "canceled", "dead"]
 
@@ -136,6 +147,7 @@ class Fence:
     def __init__(self, client: redis.Redis) -> None:
         self._start = client.register_script(START_SCRIPT)
         self._add = client.register_script(ADD_SCRIPT)
+        self._resent = client.register_script(RESENT_SCRIPT)
 
     def start(
         self, endpoint: str, job_id: str, attempt: str, worker: entries.WorkerRef
@@ -145,8 +157,12 @@ class Fence:
         )
 
     def add(self, endpoint: str, job_id: str, attempt: str, fields: entries.Fields) -> int:
-        """ADDED, SUPERSEDED or CANCELED (see the module's docstring)."""
+        """ADDED, SUPERSEDED, CANCELED or OUT_OF_ORDER (see the module's docstring)."""
         return int(self._add(keys=_start_keys(endpoint, job_id), args=_add_args(attempt, fields)))
+
+    def resent(self, endpoint: str, job_id: str, message_id: str) -> bool:
+        """The job's hash names `message_id` (Dramatiq's id of it in Redis); False: no hash."""
+        return bool(self._resent(keys=[keys.job(endpoint, job_id)], args=[message_id]))
 
 
 class AsyncFence:
@@ -165,6 +181,6 @@ class AsyncFence:
         return _start_answer(raw)
 
     async def add(self, endpoint: str, job_id: str, attempt: str, fields: entries.Fields) -> int:
-        """ADDED, SUPERSEDED or CANCELED (see the module's docstring)."""
+        """ADDED, SUPERSEDED, CANCELED or OUT_OF_ORDER (see the module's docstring)."""
         keys_ = _start_keys(endpoint, job_id)
         return int(await self._add(keys=keys_, args=_add_args(attempt, fields)))

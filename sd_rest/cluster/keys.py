@@ -23,6 +23,18 @@ NOTIFY_MAXLEN: Final = 10_000  # about; a notice lost past it is found again at 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
+# Dramatiq's Redis broker's own names (dramatiq/brokers/redis.py and its dispatch.lua): its
+# hosts' last heartbeats (a sorted set), and per queue a list of message ids with a hash of
+# their bodies.
+DRAMATIQ_HEARTBEATS: Final = f"{DRAMATIQ_NAMESPACE}:__heartbeats__"
+
+
+def dramatiq_queue(queue: str) -> tuple[str, str]:
+    """Dramatiq's list of a queue's message ids, and its hash of their bodies."""
+    name = f"{DRAMATIQ_NAMESPACE}:{queue}"
+    return name, f"{name}.msgs"
+
+
 def job(endpoint: str, id_: str) -> str:
     """A job's hash: its queue, `made` (images sent so far), the current `attempt` and its
     `worker`, `deliveries`, `canceled`, `enqueued` and Dramatiq's `message` id."""

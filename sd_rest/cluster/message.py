@@ -8,10 +8,14 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+from sd_rest.cluster import keys
 from sd_rest.endpoints import ENDPOINTS
 from sd_rest.fields import Params
+
+if TYPE_CHECKING:
+    import dramatiq
 
 VERSION: Final = 1
 _ID_CHARS: Final = frozenset("0123456789abcdef")
@@ -87,3 +91,19 @@ class JobMessage:
             raise BadMessage("uploads is not an object of digests")
         checkpoint_ = Checkpoint(checkpoint["name"], digest)
         return cls(endpoint, id_, params, checkpoint_, decoded, dict(uploads))
+
+
+def dramatiq_message(queue: str, message: JobMessage) -> dramatiq.Message[Any]:
+    """The Dramatiq message that carries `message` on `queue` (both halves send it: the API
+    node first, a worker host again when it gives a job back)."""
+    import dramatiq
+
+    return dramatiq.Message(
+        queue_name=queue, actor_name=keys.ACTOR, args=(message.to_json(),), kwargs={}, options={}
+    )
+
+
+def redis_id(sent: dramatiq.Message[Any]) -> str:
+    """The id the Redis broker gave a message it enqueued (not Dramatiq's message_id): the
+    member of its queue's list a cancel takes back."""
+    return str(sent.options.get("redis_message_id", ""))

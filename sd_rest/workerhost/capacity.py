@@ -7,7 +7,13 @@ host sits idle (and a message fetched here is this host's until it dies). So the
 share the host's slots: a consumer fetches only as many messages as there are free slots, a
 fetched message holds its slot until it is acknowledged (or given back), and while every slot
 is taken no consumer fetches at all, the delay queues' included (they would only move
-messages, but a host that is full has nothing to do with Redis). Dramatiq records a host's
+messages, but a host that is full has nothing to do with Redis).
+
+A consumer that finds the host full waits in `do_fetch` for a slot (at most its timeout, the
+Worker's worker_timeout) and fetches the moment one is free. Returning nothing at once instead
+would count as an empty queue: Dramatiq's consumer backs off longer after each (up to the same
+timeout), so a host that has been busy for a while would take its next job up to a timeout
+late. Dramatiq records a host's
 heartbeat only when it fetches: the registry's heartbeat thread records it instead
 (heartbeat.py), so a full host is not taken for a dead one.
 
@@ -31,22 +37,32 @@ class Slots:
 
     def __init__(self, count: int) -> None:
         self._free = count
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
 
-    def take(self, wanted: int) -> int:
-        """As many as are free, up to `wanted` (maybe none): taken."""
-        with self._lock:
+    def take(self, wanted: int, wait: float = 0.0) -> int:
+        """As many as are free, up to `wanted`, waiting up to `wait` seconds for one to be
+        free (none taken when none is by then)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._free > 0, wait)
             taken = max(0, min(wanted, self._free))
             self._free -= taken
             return taken
 
+    def wait_free(self, wait: float) -> bool:
+        """Whether a slot is free, waiting up to `wait` seconds for one."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._free > 0, wait)
+
     def give_back(self, count: int) -> None:
-        with self._lock:
+        if count <= 0:
+            return
+        with self._changed:
             self._free += count
+            self._changed.notify_all()
 
     @property
     def free(self) -> int:
-        with self._lock:
+        with self._changed:
             return self._free
 
 
@@ -55,20 +71,22 @@ class GatedBroker:
     queue's consumer (`delay`) takes no slot (what it fetches goes back to a queue, to be
     fetched again), but fetches nothing while the host is full either."""
 
-    def __init__(self, broker: RedisBroker, slots: Slots, delay: bool) -> None:
+    def __init__(self, broker: RedisBroker, slots: Slots, delay: bool, wait: float) -> None:
         self._broker = broker
         self._slots = slots
         self._delay = delay
+        self._wait = wait  # seconds a fetch waits for a free slot: the consumer's timeout
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._broker, name)
 
     def do_fetch(self, queue_name: str, wanted: int) -> list[bytes]:
         if self._delay:
-            return self._broker.do_fetch(queue_name, wanted) if self._slots.free > 0 else []
-        taken = self._slots.take(wanted)
+            full = not self._slots.wait_free(self._wait)
+            return [] if full else self._broker.do_fetch(queue_name, wanted)
+        taken = self._slots.take(wanted, self._wait)
         if taken == 0:
-            return []  # the consumer backs off and asks again, as after an empty fetch
+            return []  # still full: the consumer asks again
         try:
             fetched = self._broker.do_fetch(queue_name, taken)
         except BaseException:
@@ -115,7 +133,8 @@ def gate(broker: RedisBroker, slots: Slots) -> None:
     make = broker.consumer_class
 
     def consume(queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
-        gated = GatedBroker(broker, slots, delay=q_name(queue_name) != queue_name)
+        delay = q_name(queue_name) != queue_name
+        gated = GatedBroker(broker, slots, delay, wait=timeout / 1000)
         return make(gated, queue_name, prefetch, timeout)  # type: ignore[call-arg]
 
     broker.consume = consume  # type: ignore[method-assign]

@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MOST_APART: Final = 2.0  # seconds between two refreshes, at most
-# Dramatiq's sorted set of its hosts' last heartbeats (dramatiq/brokers/redis/dispatch.lua).
-DRAMATIQ_HEARTBEATS: Final = f"{keys.DRAMATIQ_NAMESPACE}:__heartbeats__"
 
 
 def refresh_every(heartbeat_timeout: float) -> float:
@@ -116,7 +114,7 @@ class Heartbeat:
         key = keys.worker(self.worker_id)
         pipe = self.client.pipeline()
         # Dramatiq's clock is the client's, in ms (RedisBroker._dispatch): the same here.
-        pipe.zadd(DRAMATIQ_HEARTBEATS, {self.dramatiq_id: int(time.time() * 1000)})
+        pipe.zadd(keys.DRAMATIQ_HEARTBEATS, {self.dramatiq_id: int(time.time() * 1000)})
         failure: Exception | None = None
         try:
             pipe.set(key, json.dumps(self.describe()), px=self.timeout_ms)

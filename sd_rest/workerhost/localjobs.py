@@ -70,12 +70,14 @@ class LocalJobs:
             return await self._end(job, delivery, Outcome(OutcomeKind.COMPLETE), None)
         key = (job.endpoint, job.id)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._clear, job)
-        await self.store.restore_inputs(job, message.inputs)
         sink = FencedSink(self.fence, job, delivery.attempt, self.store.layout)
-        runner = sink.runner = self.runners(job, sink)
-        self.running[key] = runner
         try:
+            # Started: whatever fails from here on (this host's disk full...) is the job's
+            # end, never a job left looking as if it ran.
+            await loop.run_in_executor(None, self._clear, job)
+            await self.store.restore_inputs(job, message.inputs)
+            runner = sink.runner = self.runners(job, sink)
+            self.running[key] = runner
             # A cancel published between START and now reached nobody: ask the hash once.
             if await self._canceled(key):
                 runner.cancel()
@@ -103,8 +105,10 @@ class LocalJobs:
         await loop.run_in_executor(None, self._clear, job)
         if answer != ADDED:
             return None
-        log.info("job %s/%s: %s", job.endpoint, job.id, outcome.kind.value)
-        return outcome.kind
+        # The sink ends the attempt `stopped` when Redis's `made` fell behind (sink.py).
+        kind = OutcomeKind.STOPPED if sink.resend else outcome.kind
+        log.info("job %s/%s: %s", job.endpoint, job.id, kind.value)
+        return kind
 
     async def _canceled(self, key: Key) -> bool:
         from redis.exceptions import ConnectionError, TimeoutError

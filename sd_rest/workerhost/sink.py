@@ -11,11 +11,15 @@ runs/seam.py, on the worker host's event loop).
 - the end: outcome, error and the log's tail; `end` returns once everything is sent.
 
 Every entry waits in an outbox that one sender task empties in order. While Redis cannot be
-reached the sender keeps the entries (the script goes on; its images stay on disk) and tries
-again with backoff, for as long as it takes: nothing is dropped because Redis was away. When
-Redis answers, the fence decides: superseded (another attempt is current, or the job's hash
-is gone because Redis lost it and the API node enqueues the job again) stops the run and
-drops the rest; canceled stops the run, and only its end goes.
+reached, or refuses the write (out of memory, MISCONF, READONLY), the sender keeps the entries
+(the script goes on; its images stay on disk) and tries again with backoff, for as long as it
+takes: nothing is dropped because Redis was away or full. When Redis takes it, the fence
+decides: superseded (another attempt is current, or the job's hash is gone because Redis lost
+it and the API node enqueues the job again) stops the run and drops the rest; canceled stops
+the run, and only its end goes; an image out of order (Redis came back from an older snapshot,
+its `made` behind this run) stops the run, and its end goes as `stopped`: the job is sent
+again (deliveries.py) and resumes after Redis's `made`. An image whose scratch file cannot be
+read is answered the same way (it is made again by the next delivery).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from sd_rest.cluster import entries
-from sd_rest.cluster.fence import ADDED, CANCELED, SUPERSEDED, AsyncFence
+from sd_rest.cluster.fence import ADDED, CANCELED, OUT_OF_ORDER, SUPERSEDED, AsyncFence
 from sd_rest.runs.seam import Runner
 from sd_rest.state.jobs import ImageRecord, Job
 from sd_rest.state.layout import Layout
@@ -56,6 +60,9 @@ class FencedSink:
         self.superseded = False  # another attempt is current (or the hash is gone): no more
         self.canceled = False  # the job was canceled: only the end goes
         self.ended = False  # the end is queued: output that comes after it is not reported
+        # Redis's `made` is not this run's (or an image is unreadable): the run stops and its
+        # end goes as `stopped`, for the job to be sent again.
+        self.resend = False
         self.holding = False  # Redis is unreachable: the entries wait here
         self._outbox: deque[_Entry] = deque()
         self._wake = asyncio.Event()
@@ -86,6 +93,8 @@ class FencedSink:
         self.ended = True
         self._wake.set()  # a sender waiting for more sees the end (or that none comes)
         if not self.superseded:
+            if self.resend:
+                outcome, error = "stopped", None
             fields = entries.end(self.attempt, outcome, error, log_tail)
             self._queue(_Entry(entries.END, end=fields))
         if self._sender is None:
@@ -96,7 +105,7 @@ class FencedSink:
 
     @property
     def _closed(self) -> bool:
-        return self.superseded or self.canceled or self.ended
+        return self.superseded or self.canceled or self.ended or self.resend
 
     def _queue_progress(self, value: tuple[int, float]) -> None:
         # While entries wait (Redis away), a newer value of the same image replaces the
@@ -123,7 +132,7 @@ class FencedSink:
                 await self._wake.wait()
                 continue
             entry = self._outbox[0]
-            if self.canceled and entry.kind != entries.END:
+            if (self.canceled or self.resend) and entry.kind != entries.END:
                 self._outbox.popleft()
                 continue
             answer = await self._send_patiently(entry)
@@ -132,6 +141,8 @@ class FencedSink:
                 await self._forget_image(entry)
             if answer == SUPERSEDED:
                 self._superseded()
+            elif answer == OUT_OF_ORDER:
+                self._out_of_order()
             elif answer == CANCELED and not self.canceled:
                 self.canceled = True
                 self._stop_run()
@@ -140,18 +151,18 @@ class FencedSink:
 
     async def _send_patiently(self, entry: _Entry) -> int:
         """The fence's answer to `entry`, however long Redis takes to answer."""
-        from redis.exceptions import ConnectionError, TimeoutError
+        from redis.exceptions import RedisError
 
         delay = RETRY_FIRST
         while True:
             fields = await self._fields(entry)
             if fields is None:
-                return SUPERSEDED  # the image's file is gone: nothing can go after it
+                return OUT_OF_ORDER  # the image's file is unreadable: made again elsewhere
             try:
                 answer = await self.fence.add(self.job.endpoint, self.job.id, self.attempt, fields)
-            except (ConnectionError, TimeoutError, OSError) as exc:
+            except (RedisError, OSError) as exc:
                 if not self.holding:
-                    log.warning("job %s/%s: Redis cannot be reached (%s): its report is kept "
+                    log.warning("job %s/%s: Redis cannot take its report (%s): it is kept "
                                 "here and sent when Redis answers", self.job.endpoint,
                                 self.job.id, exc)  # fmt: skip
                     self.holding = True
@@ -176,7 +187,8 @@ class FencedSink:
             # Read when sent, not kept: a long outage holds files, not memory.
             png = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
         except OSError as exc:
-            log.error("job %s/%s: image %d could not be read to be sent (%s): the run stops",
+            log.error("job %s/%s: image %d could not be read to be sent (%s): the run stops "
+                      "and the job goes back to the queue",
                       self.job.endpoint, self.job.id, record.n, exc)  # fmt: skip
             return None
         return entries.image(self.attempt, record.n, record.seed, record.position, png)
@@ -195,6 +207,20 @@ class FencedSink:
                  self.job.endpoint, self.job.id, self.attempt)  # fmt: skip
         self.superseded = True
         self._outbox.clear()
+        self._stop_run()
+
+    def _out_of_order(self) -> None:
+        """The run stops; its end (queued already, or to come) goes as `stopped`."""
+        if self.resend:
+            return
+        log.warning("job %s/%s: Redis's count of its images is not this run's (Redis restarted "
+                    "from an older snapshot?): the job goes back to the queue to resume there",
+                    self.job.endpoint, self.job.id)  # fmt: skip
+        self.resend = True
+        for entry in self._outbox:
+            if entry.end is not None:
+                entry.end = {**entry.end, "outcome": "stopped"}
+                entry.end.pop("error", None)
         self._stop_run()
 
     def _stop_run(self) -> None:
