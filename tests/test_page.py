@@ -11,6 +11,7 @@ test ends with a screenshot (screenshots/<test>.png) and fails on any error in t
 from __future__ import annotations
 
 import io
+import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -632,3 +633,32 @@ def test_phone_width_keyboard_labels_and_memory(
     job_id = make(page, "inpaint-image")
     expect(page.locator("#latest .card .status")).to_have_text("Complete")
     assert status(server, "inpaint-image", job_id)["status"] == "COMPLETE"
+
+
+def test_plms_is_a_checkbox_that_sends_1_and_is_remembered(
+    make_server: Callable[..., Server], session: Session
+) -> None:
+    server = make_server()
+    page = session.page
+    open_page(page, server)
+    t2i = form(page, "text-to-image")
+    t2i.get_by_label("Prompt").fill("sampled with PLMS")
+    plms = t2i.get_by_label("PLMS sampler")
+    expect(plms).not_to_be_checked()
+    plms.check()
+    job_id = make(page, "text-to-image")
+    sidecar = server.output / "text-to-image" / job_id / "job.json"
+    params = wait_until(lambda: sidecar.exists() and json.loads(sidecar.read_text())["params"],
+                        "the job's sidecar")  # fmt: skip
+    assert params["plms"] == 1
+    page.reload()
+    expect(page.locator("#connection")).to_have_text("Live")
+    expect(form(page, "text-to-image").get_by_label("PLMS sampler")).to_be_checked()
+    form(page, "text-to-image").get_by_label("PLMS sampler").uncheck()
+    t2i = form(page, "text-to-image")
+    t2i.get_by_label("Prompt").fill("sampled with DDIM")
+    job_id = make(page, "text-to-image")
+    sidecar = server.output / "text-to-image" / job_id / "job.json"
+    params = wait_until(lambda: sidecar.exists() and json.loads(sidecar.read_text())["params"],
+                        "the job's sidecar")  # fmt: skip
+    assert "plms" not in params  # its default is left out, so every earlier id stays

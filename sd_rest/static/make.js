@@ -74,6 +74,17 @@ export async function useAsInput(url) {
   entry.submit.focus();
 }
 
+// A 0/1 field shown as a checkbox; its `value` reads and takes "1" and "0" like the number
+// inputs', so saving, restoring, reusing a job's settings and sending need no special case.
+function switchInput(id, name, describedBy) {
+  const box = h('input', { id, name, type: 'checkbox', 'aria-describedby': describedBy });
+  Object.defineProperty(box, 'value', {
+    get() { return box.checked ? '1' : '0'; },
+    set(value) { box.checked = Number(value) === 1; },
+  });
+  return box;
+}
+
 class EndpointForm {
   constructor(endpoint) {
     this.endpoint = endpoint;
@@ -126,6 +137,8 @@ class EndpointForm {
         id, name, rows: 3, maxlength: field.maxLength, 'aria-describedby': describedBy,
         placeholder: 'A lighthouse on a cliff at dusk, oil painting',
       });
+    } else if (name === 'plms') {
+      control = switchInput(id, name, describedBy);
     } else {
       control = h('input', {
         id, name, type: 'number', min: this.low(name), max: this.high(name),
@@ -165,6 +178,7 @@ class EndpointForm {
         ? 'Paint over what to repaint (white in the mask sent), or load a mask file.'
         : `PNG, JPEG or WebP; cropped to multiples of ${SIZE_MULTIPLES[this.endpoint]} pixels.`;
     }
+    if (name === 'plms') return "txt2img.py's --plms instead of DDIM; eta must then be 0.";
     const range = field.openInterval
       ? `between ${field.low} and ${field.high}, both excluded`
       : `${field.low}–${field.high}`;

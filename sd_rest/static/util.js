@@ -50,7 +50,7 @@ export const FIELD_NAMES = {
   height: 'Height',
   guidanceScale: 'Guidance scale',
   eta: 'Eta',
-  plms: 'PLMS (1 = on)',
+  plms: 'PLMS sampler',
   strength: 'Strength',
   image: 'Image',
   mask: 'Mask',
