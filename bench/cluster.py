@@ -43,8 +43,7 @@ from .common import (
     simulator_env,
     summary_ms,
 )
-from .lag import read_events
-from .streams import read_line, sse_clients, stream_lags
+from .streams import job_stream_lags
 
 PASSWORD = "bench-cluster"
 HEARTBEAT = "10"
@@ -234,18 +233,9 @@ def _stream_lags(
         try:
             for _ in range(jobs):
                 url = client.submit(_job("lag", 12, iterations=4))
-                proc = sse_clients(cluster.api.port, f"{url}/events", 1)
-                connected_at = time.time()
-                read_line(proc, 60)
-                result = read_line(proc, 300)
-                proc.wait(30)
-                received = result["events"]
-                if received[-1]["event"] != "complete":
-                    raise RuntimeError(f"job {url} did not complete: {received[-1]}")
-                events, offset = read_events(event_log, offset)
-                if events and events[0].t < connected_at:
-                    raise RuntimeError("the job drew its first step before the client connected")
-                step_lags, image_lags = stream_lags(events, received)
+                step_lags, image_lags, offset = job_stream_lags(
+                    cluster.api.port, url, event_log, offset
+                )
                 steps += step_lags
                 images += image_lags
         finally:

@@ -70,6 +70,27 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     return json.loads(box[0])
 
 
+def job_stream_lags(
+    port: int, url: str, event_log: Path, offset: int
+) -> tuple[list[float], list[float], int]:
+    """One job's (progress lags, image lags) as one client of its event stream sees them, and
+    the event log's new offset. The client connects right after the POST: a job that drew a
+    step before is an error (its first lag would be lost)."""
+    proc = sse_clients(port, f"{url}/events", 1)
+    connected_at = time.time()
+    read_line(proc, 60)
+    result = read_line(proc, 300)
+    proc.wait(30)
+    received = result["events"]
+    if received[-1]["event"] != "complete":
+        raise RuntimeError(f"job {url} did not complete: {received[-1]}")
+    events, offset = read_events(event_log, offset)
+    if events and events[0].t < connected_at:
+        raise RuntimeError("the job drew its first step before the client connected")
+    steps, images = stream_lags(events, received)
+    return steps, images, offset
+
+
 def stream_lags(events: list[Event], received: list[dict[str, Any]]) -> tuple[list[float], ...]:
     """(progress lags, image lags): each redraw and each PNG against the first event that
     shows it."""
@@ -121,18 +142,7 @@ def measure_lag(workdir: Path, cert: tuple[Path, Path], sizes: Sizes) -> list[Re
                         "iterations": sizes.lag_iterations,
                     }
                 )
-                proc = sse_clients(server.port, f"{url}/events", 1)
-                connected_at = time.time()
-                read_line(proc, 60)
-                result = read_line(proc, 300)
-                proc.wait(30)
-                received = result["events"]
-                if received[-1]["event"] != "complete":
-                    raise RuntimeError(f"job {url} did not complete: {received[-1]}")
-                events, offset = read_events(event_log, offset)
-                if events and events[0].t < connected_at:
-                    raise RuntimeError("the job drew its first step before the client connected")
-                steps, images = stream_lags(events, received)
+                steps, images, offset = job_stream_lags(server.port, url, event_log, offset)
                 step_lags += steps
                 image_lags += images
         finally:

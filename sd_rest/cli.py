@@ -33,14 +33,13 @@ from sd_rest.settings import (
     limits_from_environment,
 )
 from sd_rest.setup import check as checks
+from sd_rest.setup import paths
 from sd_rest.setup.access import output_problem
-from sd_rest.setup.demo import SIMULATOR, demo_certificate, demo_checkpoint
+from sd_rest.setup.demo import demo_certificate
 from sd_rest.state.disk import parse_size
 
 log = logging.getLogger("sd_rest")
 
-DEFAULT_REPOSITORY = "./stable-diffusion"
-VENDORED_REPOSITORY = "./vendor/stable-diffusion"
 API_KEY_ENV = "SD_REST_API_KEY"
 
 
@@ -72,7 +71,7 @@ HELP_ROWS = [
         "false",
     ),
     HelpRow("--port", "Port to serve the REST API", "8888"),
-    HelpRow("--repository", "Path to the Stable Diffusion repository", DEFAULT_REPOSITORY),
+    HelpRow("--repository", "Path to the Stable Diffusion repository", paths.DEFAULT_REPOSITORY),
     HelpRow("--host", "Interface to listen on", "0.0.0.0"),
     HelpRow("--python", "Python interpreter that runs the scripts", "<repository>/venv/bin/python"),
     HelpRow("--api-key", f"Require 'Authorization: Bearer <key>' (or set {API_KEY_ENV})", None),
@@ -221,17 +220,13 @@ def main(
     output_path = Path(output).absolute()
     if check_only and demo:
         raise StartupError("--check checks a real set-up: demo mode needs none, leave out --demo")
+    repo, python_path = paths.scripts_and_python(repository, python, demo)
     if demo:
-        repo = SIMULATOR
-        python_path = Path(python) if python else Path(sys.executable)
-        ctx = click.get_current_context()
-        text_to_image_model = _demo_model(ctx, text_to_image_model, "text-to-image")
-        inpaint_image_model = _demo_model(ctx, inpaint_image_model, "inpaint-image")
+        text_to_image_model, inpaint_image_model = paths.demo_models(
+            click.get_current_context(), text_to_image_model, inpaint_image_model
+        )
         _check_output(output_path)  # the throwaway certificate is made there
         cert, key = _demo_certificate(cert, key, output_path)
-    else:
-        repo = _repository(repository)
-        python_path = Path(python) if python else repo / "venv" / "bin" / "python"
     if check_only:
         target = checks.Target(
             repository=repo,
@@ -405,14 +400,6 @@ def _size(flag: str, text: str) -> int:
         raise StartupError(f"{flag}: {exc}") from exc
 
 
-def _repository(given: str | None) -> Path:
-    if given is not None:
-        return Path(given)
-    if not _exists(DEFAULT_REPOSITORY) and _exists(VENDORED_REPOSITORY):
-        return Path(VENDORED_REPOSITORY)
-    return Path(DEFAULT_REPOSITORY)
-
-
 def _require(*results: checks.Result | None) -> None:
     """Start-up's share of --check: stop at the first failure, with the same words."""
     for result in results:
@@ -443,38 +430,12 @@ def _load_certificate(cert: str, key: str) -> ssl.SSLContext:
         raise StartupError(f"cannot use {cert} and {key} as certificate and key: {exc}") from exc
 
 
-def _exists(path: str) -> bool:
-    """Whether `path` is there; one out of reach counts as there (its check says why)."""
-    try:
-        os.stat(path)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _is_file(path: str) -> bool:
-    try:
-        return Path(path).is_file()
-    except OSError:
-        return False
-
-
 def _check_output(output: Path) -> None:
     _require(checks.output_folder(output, create=True), checks.job_index(output))
 
 
-def _demo_model(ctx: click.Context, given: str, model: str) -> str:
-    """The simulator's placeholder checkpoint, unless the user named one (or has the default)."""
-    explicit = ctx.get_parameter_source(f"{model.replace('-', '_')}_model")
-    if explicit is not click.core.ParameterSource.DEFAULT or _is_file(given):
-        return given
-    return str(demo_checkpoint(model))
-
-
 def _demo_certificate(cert: str, key: str, output: Path) -> tuple[str, str]:
-    if _is_file(cert) and _is_file(key):
+    if paths.is_file(cert) and paths.is_file(key):
         return cert, key
     try:
         demo_cert, demo_key, made = demo_certificate(output)

@@ -95,6 +95,16 @@ def stream_entries(client: Any, endpoint: str, job_id: str) -> list[entries.Entr
     return [entries.decode(fields) for _, fields in raw]
 
 
+def wait_entry(client: Any, message: JobMessage, kind: type, what: str) -> None:
+    """Until the job's stream holds an entry of `kind` (entries.Progress, entries.Image…)."""
+    wait_until(
+        lambda: any(
+            isinstance(e, kind) for e in stream_entries(client, message.endpoint, message.id)
+        ),
+        what,
+    )
+
+
 def wait_end(client: Any, message: JobMessage, timeout: float = 30.0) -> list[entries.Entry]:
     """The job's entries once its stream holds an end."""
 

@@ -65,13 +65,20 @@ def runs_of(tmp_path: Path, url: str) -> list[dict]:
     return [run for run in read_jsonl(tmp_path / "argv.jsonl") if job_id in " ".join(run["argv"])]
 
 
-def test_a_host_killed_mid_job_costs_a_rerun_elsewhere(make_server, redis_url, hosts, tmp_path):
+def two_hosts_one_image_in(make_server, redis_url, hosts):
+    """An API node and two hosts; a job posted, running on one of them (the victim), its first
+    image kept."""
     server = api_node(make_server, redis_url)
     pool = [hosts(redis_url), hosts(redis_url)]
     wait_hosts(server, 2)
     url = server.post_form("text-to-image", PARAMS).headers["Location"]
     victim, _ = host_running(server, url, pool)
     wait_until(lambda: len(server.get(url).json()["imageUrls"]) >= 1, "a first image")
+    return server, pool, url, victim
+
+
+def test_a_host_killed_mid_job_costs_a_rerun_elsewhere(make_server, redis_url, hosts, tmp_path):
+    server, pool, url, victim = two_hosts_one_image_in(make_server, redis_url, hosts)
     victim.kill()
     doc = wait_status(server, url, FINAL, timeout=60)
     assert doc["status"] == "COMPLETE", doc
@@ -85,12 +92,7 @@ def test_a_host_killed_mid_job_costs_a_rerun_elsewhere(make_server, redis_url, h
 
 
 def test_a_stopped_host_wakes_to_find_its_job_moved(make_server, redis_url, hosts, tmp_path):
-    server = api_node(make_server, redis_url)
-    pool = [hosts(redis_url), hosts(redis_url)]
-    wait_hosts(server, 2)
-    url = server.post_form("text-to-image", PARAMS).headers["Location"]
-    victim, _ = host_running(server, url, pool)
-    wait_until(lambda: len(server.get(url).json()["imageUrls"]) >= 1, "a first image")
+    server, _, url, victim = two_hosts_one_image_in(make_server, redis_url, hosts)
     victim.signal_all(signal.SIGSTOP)  # hung: its connections stay open
     doc = wait_status(server, url, FINAL, timeout=60)
     assert doc["status"] == "COMPLETE", doc

@@ -84,6 +84,15 @@ def begin(worker: StandInWorker, url: str) -> Attempt:
     return run
 
 
+def running(node: Server, worker: StandInWorker, fraction: float) -> tuple[str, Attempt]:
+    """A job posted, started by the stand-in worker and IN_PROGRESS at `fraction` of image 1."""
+    url = post(node)
+    run = begin(worker, url)
+    worker.progress(run, 1, fraction)
+    node.wait_status(url, {"IN_PROGRESS"})
+    return url, run
+
+
 def hash_of(client: redis.Redis, url: str) -> dict[str, str]:
     raw = client.hgetall(keys.job(*job_key(url)))
     return {k.decode(): v.decode() for k, v in raw.items()}
@@ -220,10 +229,7 @@ def test_a_new_attempt_restarts_the_job_and_keeps_its_images(
 
 
 def test_stopped_requeues_and_the_redelivery_ends_it(node: Server, worker: StandInWorker) -> None:
-    url = post(node)
-    run = begin(worker, url)
-    worker.progress(run, 1, 0.5)
-    node.wait_status(url, {"IN_PROGRESS"})
+    url, run = running(node, worker, 0.5)
     assert worker.end(run, "stopped") == 1  # its host is shutting down
     doc = wait_until(lambda: (d := node.get(url).json()).get("position") == 1 and d, "queued again")
     assert doc["status"] == "QUEUED" and "worker" not in doc
@@ -277,10 +283,7 @@ def test_a_node_killed_mid_job_catches_up_without_enqueueing_again(
 def test_a_node_restarted_while_its_job_runs_follows_the_same_attempt(
     node: Server, worker: StandInWorker, redis_server: RedisServer
 ) -> None:
-    url = post(node)
-    run = begin(worker, url)
-    worker.progress(run, 1, 0.5)
-    node.wait_status(url, {"IN_PROGRESS"})
+    url, run = running(node, worker, 0.5)
     assert node.stop(signal.SIGTERM) == 0  # stopping leaves Redis alone
     assert hash_of(redis_server.client(), url)["attempt"] == run.attempt
     node.start()
@@ -348,10 +351,7 @@ def test_redis_down_refuses_posts_serves_the_rest_and_an_emptied_redis_gets_the_
 def test_delete_of_a_running_remote_job_cancels_it_and_tells_the_worker(
     node: Server, worker: StandInWorker, redis_server: RedisServer
 ) -> None:
-    url = post(node)
-    run = begin(worker, url)
-    worker.progress(run, 1, 0.3)
-    node.wait_status(url, {"IN_PROGRESS"})
+    url, run = running(node, worker, 0.3)
     pubsub = redis_server.client().pubsub()
     pubsub.subscribe(keys.CANCEL_CHANNEL)
     seen: list[Any] = []
@@ -606,10 +606,7 @@ def test_a_job_whose_worker_host_is_gone_waits_in_the_queue_again(
                                                     "--heartbeat-timeout", "1"])  # fmt: skip
     servers.append(node.start())
     worker.register([], ttl=1.0)  # its heartbeat stops: gone after a second
-    url = post(node)
-    run = begin(worker, url)
-    worker.progress(run, 1, 0.5)
-    node.wait_status(url, {"IN_PROGRESS"})
+    url, run = running(node, worker, 0.5)
     doc = node.wait_status(url, {"QUEUED"}, timeout=20)
     assert doc["waiting"].startswith("no live worker holds the text-to-image checkpoint")
     # It was alive after all: its next entry runs the job again.
@@ -786,10 +783,7 @@ def test_a_host_sharing_host_and_pid_with_a_dead_one_does_not_keep_its_job(
     node = _quick_node(tmp_path, certs, redis_url)
     servers.append(node.start())
     worker.register([], ttl=1.0)  # its heartbeat stops: gone after a second
-    url = post(node)
-    run = begin(worker, url)
-    worker.progress(run, 1, 0.5)
-    node.wait_status(url, {"IN_PROGRESS"})
+    url, _ = running(node, worker, 0.5)
     # Another container: the same host name and pid 1 as the dead one, another worker id,
     # and (as far as host and pid tell) running this job.
     twin = StandInWorker(redis_url, host=worker.host, pid=worker.pid)

@@ -33,6 +33,7 @@ from clusterjobs import (
     stream_entries,
     submit,
     wait_end,
+    wait_entry,
 )
 from helpers import mask_bytes, png_bytes, script_pids, wait_gone, wait_until
 from redisserver import RedisServer
@@ -228,13 +229,7 @@ def test_a_job_canceled_before_its_start_never_runs(
 def test_a_cancel_ends_the_running_script(client: Any, host: WorkerHost, redis_url: str) -> None:
     message = job_message("text-to-image", {**TEXT_TO_IMAGE, "iterations": 20})
     submit(client, redis_url, message)
-    wait_until(
-        lambda: any(
-            isinstance(e, entries.Progress)
-            for e in stream_entries(client, message.endpoint, message.id)
-        ),
-        "the job's first progress",
-    )
+    wait_entry(client, message, entries.Progress, "the job's first progress")
     pids = ran(host, message)
     client.hset(keys.job(message.endpoint, message.id), "canceled", "1")
     client.publish(keys.CANCEL_CHANNEL, f"{message.endpoint}:{message.id}")
@@ -252,13 +247,7 @@ def test_a_superseded_attempt_stops_and_adds_nothing_more(
     message = job_message("text-to-image", {**TEXT_TO_IMAGE, "iterations": 20})
     before = served(client, host)
     submit(client, redis_url, message)
-    wait_until(
-        lambda: any(
-            isinstance(e, entries.Image)
-            for e in stream_entries(client, message.endpoint, message.id)
-        ),
-        "the job's first image",
-    )
+    wait_entry(client, message, entries.Image, "the job's first image")
     pids = ran(host, message)
     client.hset(keys.job(message.endpoint, message.id), "attempt", "another-host's")
     kept = len(stream_entries(client, message.endpoint, message.id))
@@ -388,13 +377,7 @@ def _cut_off_while_it_runs(server: RedisServer, worker: WorkerHost, message: Job
     """Redis stops after the job's first image and stays away until its script has ended,
     and a while more (longer than the heartbeat timeout), then comes back."""
     client = server.client()
-    wait_until(
-        lambda: any(
-            isinstance(e, entries.Image)
-            for e in stream_entries(client, message.endpoint, message.id)
-        ),
-        "the job's first image",
-    )
+    wait_entry(client, message, entries.Image, "the job's first image")
     server.stop()
     wait_gone(ran(worker, message), timeout=20)
     time.sleep(3)  # beyond --heartbeat-timeout 2: the host must not give up

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd_rest.cluster.broker import explain, redact
+from sd_rest.cluster.broker import probe, redact
 from sd_rest.endpoints import INPAINT_IMAGE, TEXT_TO_IMAGE
 from sd_rest.setup import check as checks
 
@@ -28,19 +28,8 @@ class WorkerTarget:
 
 def ping(url: str) -> str | None:
     """None when Redis answers at `url` and takes its password; else one line saying what to
-    fix (broker.explain)."""
-    import redis
-
-    client = redis.Redis.from_url(
-        url, socket_connect_timeout=PING_TIMEOUT, socket_timeout=PING_TIMEOUT
-    )
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as exc:
-        return explain(exc, url)
-    finally:
-        client.close()
-    return None
+    fix."""
+    return probe(url, PING_TIMEOUT)
 
 
 def broker(url: str) -> checks.Result:

@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import socket
-import sys
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,11 +21,12 @@ from sd_rest.cluster.broker import (
     BrokerMissing,
     check_url,
     redact,
+    require_extra,
 )
 from sd_rest.cluster.entries import WorkerRef
 from sd_rest.settings import Settings
 from sd_rest.setup import check as setup_checks
-from sd_rest.setup.demo import SIMULATOR, demo_checkpoint
+from sd_rest.setup import paths
 from sd_rest.workerhost import checks, quiet
 from sd_rest.workerhost.folders import WORKER_DIR_ENV, scratch_folder, worker_dir
 from sd_rest.workerhost.stopping import Signals, StopRequested
@@ -34,8 +34,6 @@ from sd_rest.workerhost.stopping import Signals, StopRequested
 log = logging.getLogger("sd_rest")
 
 PROG = "stable-diffusion-rest-api worker"
-DEFAULT_REPOSITORY = "./stable-diffusion"
-VENDORED_REPOSITORY = "./vendor/stable-diffusion"
 
 
 class WorkerStartError(click.ClickException):
@@ -108,22 +106,7 @@ class WorkerHelp(click.Command):
 @click.option("--demo", is_flag=True, help="Run the bundled simulator: no GPU or model needed")
 @click.option("--check", "check_only", is_flag=True,
               help="Check that everything the worker needs is in place, then exit")
-def worker(
-    broker: str | None,
-    repository: str | None,
-    python: str | None,
-    text_to_image_model: str,
-    inpaint_image_model: str,
-    runner: str,
-    worker_max_jobs: int,
-    worker_idle: float,
-    worker_timeout: float,
-    warm_start: bool,
-    concurrency: int,
-    heartbeat_timeout: float,
-    demo: bool,
-    check_only: bool,
-) -> None:
+def worker(**options: Any) -> None:
     """Run jobs for an API node started with --broker: take them from Redis, run the scripts
     here, send back progress and images."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -134,15 +117,14 @@ def worker(
     signals = Signals(PROG)
     signals.install()
     try:
-        _start(signals, broker, repository, python, text_to_image_model, inpaint_image_model,
-               runner, worker_max_jobs, worker_idle, worker_timeout, warm_start, concurrency,
-               heartbeat_timeout, demo, check_only)  # fmt: skip
+        _start(signals, **options)  # the options, typed, as _start takes them
     except StopRequested as stop:
         log.info("stopped by %s before taking any job", stop.signame)
 
 
 def _start(
     signals: Signals,
+    *,
     broker: str | None,
     repository: str | None,
     python: str | None,
@@ -160,14 +142,11 @@ def _start(
 ) -> None:
     url = _broker_url(broker)
     ctx = click.get_current_context()
+    repo, python_path = paths.scripts_and_python(repository, python, demo)
     if demo:
-        repo = SIMULATOR
-        python_path = Path(python) if python else Path(sys.executable)
-        text_to_image_model = _demo_model(ctx, text_to_image_model, "text-to-image")
-        inpaint_image_model = _demo_model(ctx, inpaint_image_model, "inpaint-image")
-    else:
-        repo = _repository(repository)
-        python_path = Path(python) if python else repo / "venv" / "bin" / "python"
+        text_to_image_model, inpaint_image_model = paths.demo_models(
+            ctx, text_to_image_model, inpaint_image_model
+        )
     t2i, inpaint = Path(text_to_image_model), Path(inpaint_image_model)
     if check_only:
         target = checks.WorkerTarget(
@@ -240,13 +219,9 @@ def _broker_url(given: str | None) -> str:
     except ValueError as exc:
         raise WorkerStartError(str(exc)) from exc
     try:
-        import dramatiq  # noqa: F401
-        import redis  # noqa: F401
-    except ImportError as exc:
-        raise WorkerStartError(str(BrokerMissing(
-            "the worker needs the cluster extra: pip install 'sd-rest[cluster]' "
-            "(dramatiq and redis)"
-        ))) from exc  # fmt: skip
+        require_extra()
+    except BrokerMissing as exc:
+        raise WorkerStartError(str(exc)) from exc
     return given
 
 
@@ -265,17 +240,3 @@ def _require_models(*paths: Path) -> None:
         )
 
 
-def _repository(given: str | None) -> Path:
-    if given is not None:
-        return Path(given)
-    if not Path(DEFAULT_REPOSITORY).exists() and Path(VENDORED_REPOSITORY).exists():
-        return Path(VENDORED_REPOSITORY)
-    return Path(DEFAULT_REPOSITORY)
-
-
-def _demo_model(ctx: click.Context, given: str, model: str) -> str:
-    """The simulator's placeholder checkpoint, unless the user named one."""
-    source = ctx.get_parameter_source(f"{model.replace('-', '_')}_model")
-    if source is not click.core.ParameterSource.DEFAULT or Path(given).is_file():
-        return given
-    return str(demo_checkpoint(model))
