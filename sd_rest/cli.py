@@ -31,6 +31,7 @@ from sd_rest.settings import (
     Model,
     Settings,
     limits_from_environment,
+    loopback_address,
 )
 from sd_rest.setup import check as checks
 from sd_rest.setup import paths
@@ -301,7 +302,7 @@ def _http(port: int | None, host: str | None, api_key: str | None) -> tuple[str,
         if host is not None:
             raise StartupError("--http-host needs --http-port")
         return None
-    if host is not None and host not in LOOPBACK and not api_key:
+    if host is not None and not loopback_address(host) and not api_key:
         log.warning(
             "serving plain HTTP on %s without an API key: anyone who reaches it can use this "
             "server, and nothing it sends is encrypted (set --api-key or %s)",
@@ -309,9 +310,6 @@ def _http(port: int | None, host: str | None, api_key: str | None) -> tuple[str,
             API_KEY_ENV,
         )
     return (host or "127.0.0.1", port)
-
-
-LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def _broker(url: str | None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,18 @@ BODY_TIMEOUT_ENV: Final = "SD_REST_BODY_TIMEOUT"
 STREAM_PING_ENV: Final = "SD_REST_STREAM_PING"
 STREAM_BUFFER_ENV: Final = "SD_REST_STREAM_BUFFER"
 MAX_TIMEOUT: Final = 3600.0
+
+
+def loopback_address(host: str) -> bool:
+    """Whether a listening address (--http-host) is the loopback only: localhost, 127.0.0.0/8
+    or ::1 (bracketed or not)."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class Model(str, Enum):

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from sd_rest.settings import loopback_address
+
 from helpers import Server, free_port, http_request, read_response, start_with_http, wait_until
 
 KEY = "http-k3y"
@@ -194,3 +196,14 @@ def _pings(port: int) -> bool:
         return http_request(port, "GET", "/internal/ping", timeout=10).status == 200
     except (OSError, http.client.HTTPException):
         return False
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("[::1]", True),
+     ("localhost", True), ("0.0.0.0", False), ("192.168.1.10", False), ("::", False),
+     ("example.com", False)],
+)  # fmt: skip
+def test_which_http_hosts_are_the_loopback(host: str, loopback: bool) -> None:
+    # One answer for the start-up's warning (cli.py) and the Host check (api/app.py).
+    assert loopback_address(host) is loopback

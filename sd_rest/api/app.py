@@ -45,7 +45,7 @@ from sd_rest.api.streams import HUB, STREAM_PING, EventHub
 from sd_rest.api.tokens import token_key, token_valid
 from sd_rest.errors import ApiError
 from sd_rest.jobs.manager import JobManager
-from sd_rest.settings import Limits
+from sd_rest.settings import Limits, loopback_address
 from sd_rest.state.cursorkey import load_cursor_key
 
 log = logging.getLogger(__name__)
@@ -150,17 +150,6 @@ async def add_headers_by_transport(
     request: web.BaseRequest, response: web.StreamResponse
 ) -> None:
     response.headers.update(headers_for(request))
-
-
-def loopback_address(host: str) -> bool:
-    """Whether a listening address (--http-host) is the loopback only."""
-    name = host.strip().strip("[]").lower()
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def loopback_name(host: str) -> bool:
